@@ -1,0 +1,500 @@
+//! Finds QEMU processes and their threads in a procfs tree.
+//!
+//! Cost, since the agent rescans every few seconds: each scan reads `<proc>/<pid>/comm` of
+//! every process (one open and one ≤16-byte read). Only a process whose comm looks like QEMU
+//! (`qemu-system-*`, `qemu-kvm`; comm is the executable's basename cut to 15 bytes) has its
+//! `cmdline` and per-thread `comm`s read on every scan. QEMU's main thread keeps that comm even
+//! with `debug-threads=on`, but `-name ...,process=X` renames it, so a process whose comm does
+//! not look like QEMU has its `cmdline` checked once and the verdict remembered for as long as
+//! the same pid keeps the same comm. In steady state a scan is therefore one small read per
+//! process plus a few per QEMU thread, and never touches the `cmdline` of other processes
+//! (reading it takes the target's mmap lock and can stall behind a stuck process).
+//!
+//! Anything that vanishes mid-scan (`ENOENT`, `ESRCH`) is skipped silently: processes come and
+//! go between `readdir` and `read`.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::{self, File};
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+
+use super::cmdline::{self, QemuArgs};
+use super::{ThreadKind, Vm, VmId, VmSource, VmThread};
+
+/// Bit of `flags` (field 9 of `/proc/<pid>/stat`) set on kernel threads (`PF_KTHREAD` in
+/// `include/linux/sched.h`).
+const PF_KTHREAD: u64 = 0x0020_0000;
+
+/// Why a procfs scan could not run at all. Per-process trouble is never an error: the process
+/// is skipped.
+#[derive(Debug, thiserror::Error)]
+pub enum ProcError {
+    #[error("{op} {path}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Scans a procfs tree for QEMU processes, remembering which processes it already ruled out so
+/// that a rescan stays cheap (see the module doc).
+#[derive(Debug)]
+pub struct ProcScanner {
+    proc: PathBuf,
+    /// pid → comm it had when its command line showed it is not QEMU.
+    not_qemu: HashMap<u32, Vec<u8>>,
+}
+
+/// A top-level process of interest found by one pass over `<proc>`.
+enum Found {
+    Qemu {
+        pid: u32,
+        args: QemuArgs,
+    },
+    /// A kernel vhost worker (`vhost-<owner tid>`, kernels before 6.4).
+    VhostKthread {
+        pid: u32,
+        owner: u32,
+    },
+}
+
+impl ProcScanner {
+    /// A scanner of the procfs mounted at `proc` (normally `/proc`).
+    pub fn new(proc: PathBuf) -> Self {
+        Self {
+            proc,
+            not_qemu: HashMap::new(),
+        }
+    }
+
+    /// Every QEMU process with its threads, identity taken from its command line (name from
+    /// `-name`, else `qemu-<pid>`; uuid from `-uuid`, else `pid-<pid>`), source
+    /// [`VmSource::Proc`], threads sorted by tid; sorted by pid.
+    ///
+    /// Fails only when `<proc>` itself cannot be listed.
+    pub fn scan(&mut self) -> Result<Vec<Vm>, ProcError> {
+        let entries = fs::read_dir(&self.proc).map_err(|source| ProcError::Io {
+            op: "list",
+            path: self.proc.clone(),
+            source,
+        })?;
+        let mut found = Vec::new();
+        let mut seen = HashSet::new();
+        for entry in entries {
+            let Ok(entry) = entry else { continue };
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|s| s.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            seen.insert(pid);
+            if let Some(f) = self.examine(pid) {
+                found.push(f);
+            }
+        }
+        self.not_qemu.retain(|pid, _| seen.contains(pid));
+
+        let mut vms = Vec::new();
+        let mut vhost = Vec::new();
+        for f in found {
+            match f {
+                Found::Qemu { pid, args } => {
+                    if let Some(vm) = self.read_vm(pid, args) {
+                        vms.push(vm);
+                    }
+                }
+                Found::VhostKthread { pid, owner } => vhost.push((pid, owner)),
+            }
+        }
+        attach_vhost_kthreads(&mut vms, &vhost);
+        vms.sort_by_key(|vm| vm.pid);
+        Ok(vms)
+    }
+
+    /// Decides from `comm` (and, at most once per pid and comm, `cmdline`) what `pid` is.
+    fn examine(&mut self, pid: u32) -> Option<Found> {
+        let dir = self.proc.join(pid.to_string());
+        let comm = read_or_skip(&dir.join("comm"), read_comm)?;
+        if let Some(owner) = vhost_owner(&comm) {
+            return is_kthread(&dir).then_some(Found::VhostKthread { pid, owner });
+        }
+        let qemu_comm = looks_like_qemu(&comm);
+        if !qemu_comm && self.not_qemu.get(&pid) == Some(&comm) {
+            return None;
+        }
+        let raw = read_or_skip(&dir.join("cmdline"), fs::read)?;
+        let args = cmdline::parse_qemu_cmdline(&raw);
+        if args.is_some() {
+            self.not_qemu.remove(&pid);
+        } else if !qemu_comm {
+            // A QEMU-like comm is re-checked every scan anyway: there are few of them.
+            self.not_qemu.insert(pid, comm);
+        }
+        args.map(|args| Found::Qemu { pid, args })
+    }
+
+    /// The VM run by QEMU process `pid`, or `None` if it exited meanwhile.
+    fn read_vm(&self, pid: u32, args: QemuArgs) -> Option<Vm> {
+        let task = self.proc.join(pid.to_string()).join("task");
+        let entries = read_or_skip(&task, fs::read_dir)?;
+        let mut threads = Vec::new();
+        for entry in entries {
+            let Ok(entry) = entry else { continue };
+            let Some(tid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|s| s.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            let Some(comm) = read_or_skip(&entry.path().join("comm"), read_comm) else {
+                continue;
+            };
+            // The main thread runs QEMU's main loop whatever `process=` renamed it to.
+            let kind = if tid == pid {
+                ThreadKind::Emulator
+            } else {
+                classify_thread(&comm)
+            };
+            threads.push(VmThread { tid, kind });
+        }
+        if threads.is_empty() {
+            return None;
+        }
+        threads.sort_by_key(|t| t.tid);
+        Some(Vm {
+            id: VmId {
+                name: args.name.unwrap_or_else(|| format!("qemu-{pid}")),
+                uuid: args.uuid.unwrap_or_else(|| format!("pid-{pid}")),
+            },
+            source: VmSource::Proc,
+            pid,
+            threads,
+        })
+    }
+}
+
+/// Adds each kernel vhost worker to the VM whose thread created it. The kernel names the worker
+/// after the *thread* id that issued `VHOST_SET_OWNER` (normally QEMU's main thread, so its
+/// pid); a worker whose owner thread has exited since cannot be matched and is left out.
+fn attach_vhost_kthreads(vms: &mut [Vm], vhost: &[(u32, u32)]) {
+    let owner_of: HashMap<u32, usize> = vms
+        .iter()
+        .enumerate()
+        .flat_map(|(i, vm)| vm.threads.iter().map(move |t| (t.tid, i)))
+        .collect();
+    for &(pid, owner) in vhost {
+        let Some(vm) = owner_of.get(&owner).and_then(|&i| vms.get_mut(i)) else {
+            continue;
+        };
+        if vm.threads.iter().all(|t| t.tid != pid) {
+            vm.threads.push(VmThread {
+                tid: pid,
+                kind: ThreadKind::Vhost,
+            });
+            vm.threads.sort_by_key(|t| t.tid);
+        }
+    }
+}
+
+/// What a QEMU thread does, from its comm (set by QEMU with `debug-threads=on`; without it every
+/// thread is called after the binary and counts as emulator).
+pub fn classify_thread(comm: &[u8]) -> ThreadKind {
+    if let Some(n) = vcpu_index(comm) {
+        ThreadKind::Vcpu(n)
+    } else if comm.starts_with(b"IO ") {
+        ThreadKind::IoThread
+    } else if comm.starts_with(b"vhost-") {
+        ThreadKind::Vhost
+    } else {
+        ThreadKind::Emulator
+    }
+}
+
+/// `CPU <n>/KVM` or `CPU <n>/TCG` → `n`.
+fn vcpu_index(comm: &[u8]) -> Option<u32> {
+    let rest = comm.strip_prefix(b"CPU ")?;
+    let digits = rest
+        .strip_suffix(b"/KVM")
+        .or_else(|| rest.strip_suffix(b"/TCG"))?;
+    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(digits).ok()?.parse().ok()
+}
+
+/// `vhost-<tid>` → `tid`.
+fn vhost_owner(comm: &[u8]) -> Option<u32> {
+    let digits = comm.strip_prefix(b"vhost-")?;
+    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(digits).ok()?.parse().ok()
+}
+
+/// Whether a process comm is that of a QEMU binary (cut to 15 bytes by the kernel).
+fn looks_like_qemu(comm: &[u8]) -> bool {
+    comm.starts_with(b"qemu-system-") || comm.starts_with(b"qemu-kvm")
+}
+
+/// Whether `<proc>/<pid>` is a kernel thread, so a user process calling itself `vhost-<n>`
+/// cannot get its CPU time charged to a VM. Unreadable or vanished → no.
+fn is_kthread(pid_dir: &Path) -> bool {
+    read_or_skip(&pid_dir.join("stat"), fs::read_to_string)
+        .and_then(|stat| stat_flags(&stat))
+        .is_some_and(|flags| flags & PF_KTHREAD != 0)
+}
+
+/// Field 9 (`flags`) of a `/proc/<pid>/stat` line. The comm in field 2 may hold spaces and
+/// parentheses, so fields are counted after its last `)`.
+fn stat_flags(stat: &str) -> Option<u64> {
+    let after_comm = &stat[stat.rfind(')')? + 1..];
+    after_comm.split_ascii_whitespace().nth(6)?.parse().ok()
+}
+
+/// Reads a `comm` file: at most 64 bytes, trailing newline dropped. One `read` on procfs.
+fn read_comm(path: &Path) -> io::Result<Vec<u8>> {
+    let mut buf = Vec::with_capacity(64);
+    File::open(path)?.take(64).read_to_end(&mut buf)?;
+    if buf.last() == Some(&b'\n') {
+        buf.pop();
+    }
+    Ok(buf)
+}
+
+/// Runs `read` on `path`; `None` if it fails. A vanished process or thread (`ENOENT`, `ESRCH`)
+/// is expected and silent; anything else is logged at debug level and skipped too, as one
+/// unreadable process must not hide the others.
+fn read_or_skip<'a, T>(path: &'a Path, read: impl FnOnce(&'a Path) -> io::Result<T>) -> Option<T> {
+    match read(path) {
+        Ok(v) => Some(v),
+        Err(e) if vanished(&e) => None,
+        Err(e) => {
+            log::debug!("skipping {}: {e}", path.display());
+            None
+        }
+    }
+}
+
+fn vanished(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ESRCH)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::discovery::testutil::{fixture_proc, FakeProc};
+
+    fn kinds(vm: &Vm) -> Vec<(u32, ThreadKind)> {
+        vm.threads.iter().map(|t| (t.tid, t.kind)).collect()
+    }
+
+    #[test]
+    fn classifies_thread_comms() {
+        assert_eq!(classify_thread(b"CPU 0/KVM"), ThreadKind::Vcpu(0));
+        assert_eq!(classify_thread(b"CPU 17/TCG"), ThreadKind::Vcpu(17));
+        assert_eq!(classify_thread(b"IO mon_iothread"), ThreadKind::IoThread);
+        assert_eq!(classify_thread(b"IO iothread0"), ThreadKind::IoThread);
+        assert_eq!(classify_thread(b"vhost-4242"), ThreadKind::Vhost);
+        for comm in [
+            &b"qemu-system-x86"[..],
+            b"worker",
+            b"call_rcu",
+            b"CPU /KVM",
+            b"CPU x/KVM",
+            b"CPU 1/HVF",
+            b"CPU 99999999999/KVM",
+            b"IOthread",
+            b"",
+        ] {
+            assert_eq!(
+                classify_thread(comm),
+                ThreadKind::Emulator,
+                "{}",
+                String::from_utf8_lossy(comm)
+            );
+        }
+    }
+
+    #[test]
+    fn parses_stat_flags_after_odd_comm() {
+        assert_eq!(
+            stat_flags("42 (a) b (c)) S 2 0 0 0 -1 2129984 0 0"),
+            Some(2_129_984)
+        );
+        assert_eq!(stat_flags("42 (x"), None);
+        assert_eq!(stat_flags(""), None);
+    }
+
+    /// The checked-in tree: what it holds is described in its README.md.
+    #[test]
+    fn scans_fixture_host() {
+        let vms = ProcScanner::new(fixture_proc()).scan().unwrap();
+        let ids: Vec<(u32, &str, &str)> = vms
+            .iter()
+            .map(|vm| (vm.pid, vm.id.name.as_str(), vm.id.uuid.as_str()))
+            .collect();
+        assert_eq!(
+            ids,
+            vec![
+                (
+                    1000,
+                    "web \"prod\", eu\\1 caf\u{e9}",
+                    "6695eb01-f6a4-8304-79aa-97f2502e193f"
+                ),
+                (2000, "qemu-2000", "pid-2000"),
+                (3000, "bad\u{fffd}name", "pid-3000"),
+                (4000, "renamed", "4a9e3b0c-1d2e-4f60-8a7b-9c0d1e2f3a4b"),
+            ]
+        );
+        assert!(vms.iter().all(|vm| vm.source == VmSource::Proc));
+        let web = &vms[0];
+        assert_eq!(
+            kinds(web),
+            vec![
+                (1000, ThreadKind::Emulator),
+                (1001, ThreadKind::Emulator),
+                (1002, ThreadKind::IoThread),
+                (1003, ThreadKind::Vcpu(0)),
+                (1004, ThreadKind::Vcpu(1)),
+                (1006, ThreadKind::Vhost),
+                // Task 1005 has no comm (the thread exited mid-scan): skipped.
+                // The kernel vhost worker of an older kernel, a process of its own.
+                (1500, ThreadKind::Vhost),
+            ]
+        );
+        // Without debug-threads every thread is named after the binary.
+        assert_eq!(
+            kinds(&vms[1]),
+            vec![(2000, ThreadKind::Emulator), (2001, ThreadKind::Emulator)]
+        );
+        // `process=CPU 0/KVM` renamed the main thread; it is still the emulator.
+        assert_eq!(
+            kinds(&vms[3]),
+            vec![(4000, ThreadKind::Emulator), (4001, ThreadKind::Vcpu(0))]
+        );
+    }
+
+    #[test]
+    fn threads_and_processes_come_and_go() {
+        let fake = FakeProc::new();
+        let qemu: &[&[u8]] = &[
+            b"/usr/bin/qemu-system-x86_64",
+            b"-name",
+            b"guest=a,debug-threads=on",
+        ];
+        fake.process(10, qemu, &[(10, b"qemu-system-x86"), (11, b"CPU 0/TCG")]);
+        fake.process(20, &[b"/usr/bin/sleep", b"100"], &[(20, b"sleep")]);
+        let mut scanner = ProcScanner::new(fake.path());
+
+        let vms = scanner.scan().unwrap();
+        assert_eq!(vms.len(), 1);
+        assert_eq!(
+            kinds(&vms[0]),
+            vec![(10, ThreadKind::Emulator), (11, ThreadKind::Vcpu(0))]
+        );
+
+        // A vCPU is hot-plugged, another thread exits.
+        fake.thread(10, 12, b"CPU 1/TCG");
+        fake.remove_thread(10, 11);
+        let vms = scanner.scan().unwrap();
+        assert_eq!(
+            kinds(&vms[0]),
+            vec![(10, ThreadKind::Emulator), (12, ThreadKind::Vcpu(1))]
+        );
+
+        // A thread directory whose comm is already gone.
+        fs::create_dir_all(fake.path().join("10/task/13")).unwrap();
+        let vms = scanner.scan().unwrap();
+        assert_eq!(vms[0].threads.len(), 2);
+
+        // The whole task directory gone (process exiting): the VM is skipped.
+        fs::remove_dir_all(fake.path().join("10/task")).unwrap();
+        assert_eq!(scanner.scan().unwrap(), vec![]);
+
+        fake.remove_process(10);
+        assert_eq!(scanner.scan().unwrap(), vec![]);
+    }
+
+    #[test]
+    fn renamed_qemu_is_found_and_verdicts_are_cached() {
+        let fake = FakeProc::new();
+        // Seen before exec: a forked libvirtd child.
+        fake.process(30, &[b"/usr/sbin/libvirtd"], &[(30, b"rpc-libvirtd")]);
+        let mut scanner = ProcScanner::new(fake.path());
+        assert_eq!(scanner.scan().unwrap(), vec![]);
+        assert_eq!(
+            scanner.not_qemu.get(&30).map(Vec::as_slice),
+            Some(&b"rpc-libvirtd"[..])
+        );
+
+        // The cached verdict holds while the comm is unchanged: a cmdline that now says QEMU
+        // is not re-read (this is what keeps rescans cheap).
+        fs::write(fake.path().join("30/cmdline"), b"qemu-system-x86_64\0").unwrap();
+        assert_eq!(scanner.scan().unwrap(), vec![]);
+
+        // exec + `process=guest-a` changes the comm: re-examined, found.
+        fake.process(
+            30,
+            &[b"qemu-system-x86_64", b"-name", b"guest=a,process=guest-a"],
+            &[(30, b"guest-a")],
+        );
+        let vms = scanner.scan().unwrap();
+        assert_eq!(vms.len(), 1);
+        assert_eq!(vms[0].id.name, "a");
+        assert!(!scanner.not_qemu.contains_key(&30));
+
+        // Verdicts of exited processes are forgotten.
+        fake.process(31, &[b"/bin/true"], &[(31, b"true")]);
+        scanner.scan().unwrap();
+        assert!(scanner.not_qemu.contains_key(&31));
+        fake.remove_process(31);
+        scanner.scan().unwrap();
+        assert!(!scanner.not_qemu.contains_key(&31));
+    }
+
+    #[test]
+    fn fake_vhost_and_foreign_processes_are_ignored() {
+        let fake = FakeProc::new();
+        fake.process(
+            40,
+            &[b"qemu-system-x86_64", b"-name", b"v"],
+            &[(40, b"qemu-system-x86")],
+        );
+        // A user process calling itself vhost-40 (no PF_KTHREAD in its stat).
+        fake.process(41, &[b"/tmp/evil"], &[(41, b"vhost-40")]);
+        // A real vhost worker of a QEMU that is not running any more.
+        fake.process(42, &[], &[(42, b"vhost-99")]);
+        fs::write(
+            fake.path().join("42/stat"),
+            "42 (vhost-99) S 2 0 0 0 -1 2129984 0",
+        )
+        .unwrap();
+        // A program called qemu-system-something that is not QEMU (a shell script).
+        fake.process(
+            43,
+            &[b"/bin/sh", b"/usr/local/bin/qemu-system-wrap"],
+            &[(43, b"qemu-system-wra")],
+        );
+        // Non-pid entries of /proc.
+        fs::create_dir_all(fake.path().join("self")).unwrap();
+        fs::write(fake.path().join("uptime"), "1.0 1.0\n").unwrap();
+
+        let vms = ProcScanner::new(fake.path()).scan().unwrap();
+        assert_eq!(vms.len(), 1);
+        assert_eq!(kinds(&vms[0]), vec![(40, ThreadKind::Emulator)]);
+    }
+
+    #[test]
+    fn missing_proc_root_is_an_error() {
+        let err = ProcScanner::new(PathBuf::from("/nonexistent/proc"))
+            .scan()
+            .unwrap_err();
+        assert_eq!(err.to_string(), "list /nonexistent/proc");
+    }
+}

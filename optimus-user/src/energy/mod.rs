@@ -1,0 +1,757 @@
+//! Energy meters: where the joules come from.
+//!
+//! One module per meter, each opened once and then sampled once per interval by the sampler
+//! (never by a scrape):
+//!
+//! - [`perf`]: RAPL through the perf `power` PMU (`/sys/bus/event_source/devices/power`), read
+//!   with `perf_event_open`. Preferred when present: its counters are 64-bit, accumulated by the
+//!   kernel, so they do not wrap in practice. Cross-checked once against powercap at start.
+//! - [`powercap`]: RAPL through powercap sysfs (`/sys/class/powercap/{intel,amd}-rapl:*`),
+//!   32-bit counters that wrap every few minutes to hours; wraps are corrected with
+//!   `max_energy_range_uj` and counted, never dropped.
+//! - [`nvml`]: NVIDIA GPUs through NVML (`libnvidia-ml.so.1`), energy counter or integrated
+//!   power, plus the processes using each GPU and vGPU instances where the driver has them.
+//! - [`estimate`]: a power model from per-CPU busy time in `/proc/stat`, used only when no
+//!   RAPL meter is readable, so that a host without counters still gets numbers, marked
+//!   `estimated`.
+//!
+//! # Units and availability
+//!
+//! Energy stays in integer microjoules ([`ZoneReading::total_uj`], [`ZoneReading::delta_uj`])
+//! until export. A zone that cannot be read is *unavailable* (`None`), never 0 W: the reason is
+//! logged once (with the fix) and shown by [`EnergyMeters::status`]. Its total so far is kept
+//! inside the meter and continues from there if the zone comes back.
+//!
+//! # Overlap rule: do not add zones together
+//!
+//! RAPL domains nest: `psys` (the whole SoC/platform) ⊇ `package` ⊇ `core`, `uncore`
+//! (`core` + `uncore` ≤ `package`, the rest is the package's own uncounted logic); `dram` is
+//! separate from `package`. Summing `psys` + `package` + `core` counts the same joules two or
+//! three times. The CPU energy of a host is `package` (plus `dram` where wanted); `psys` is an
+//! alternative whole-platform view on client parts. GPU energy (`gpu`) is separate from all of
+//! them.
+//!
+//! Each [`ZoneKey`] comes from exactly one source: when both perf and powercap expose a zone,
+//! only perf's reading is reported, and the estimate is used only when no RAPL source is
+//! readable, so a consumer can sum the `package` zones of one sample without double counting.
+
+mod estimate;
+mod nvml;
+mod perf;
+mod powercap;
+
+pub use estimate::{CpuFamily, CpuWatts, EstimateConfig};
+pub use nvml::NvmlConfig;
+
+use std::fmt;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// The part of the machine an energy reading covers (see the overlap rule in the module docs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Zone {
+    /// A whole CPU package (socket or die): cores, caches, memory controller.
+    Package,
+    /// All cores of a package (RAPL PP0); part of [`Zone::Package`].
+    Core,
+    /// The package's uncore / integrated graphics (RAPL PP1); part of [`Zone::Package`].
+    Uncore,
+    /// DRAM attached to a package; separate from [`Zone::Package`].
+    Dram,
+    /// The platform (SoC plus what the platform sensor covers); contains [`Zone::Package`].
+    Psys,
+    /// One GPU board.
+    Gpu,
+}
+
+impl Zone {
+    /// The `zone` label value: `package`, `core`, `uncore`, `dram`, `psys`, `gpu`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Zone::Package => "package",
+            Zone::Core => "core",
+            Zone::Uncore => "uncore",
+            Zone::Dram => "dram",
+            Zone::Psys => "psys",
+            Zone::Gpu => "gpu",
+        }
+    }
+}
+
+impl fmt::Display for Zone {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.label())
+    }
+}
+
+/// Which meter produced a reading.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum MeterSource {
+    /// RAPL counters from powercap sysfs.
+    RaplPowercap,
+    /// RAPL counters from the perf `power` PMU.
+    RaplPerf,
+    /// NVIDIA GPUs through NVML.
+    Nvml,
+    /// The CPU power model (no meter).
+    Estimated,
+}
+
+impl MeterSource {
+    /// The `source` label value: `rapl-powercap`, `rapl-perf`, `nvml`, `estimated`.
+    pub fn label(self) -> &'static str {
+        match self {
+            MeterSource::RaplPowercap => "rapl-powercap",
+            MeterSource::RaplPerf => "rapl-perf",
+            MeterSource::Nvml => "nvml",
+            MeterSource::Estimated => "estimated",
+        }
+    }
+}
+
+impl fmt::Display for MeterSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.label())
+    }
+}
+
+/// Identifies one energy series: what it covers, which instance, which meter.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ZoneKey {
+    /// What part of the machine.
+    pub zone: Zone,
+    /// Which instance: `package-0` (also for its core/uncore/dram subzones), `platform-0` for
+    /// psys, `gpu-0` for GPUs (NVML index).
+    pub device: String,
+    /// Which meter.
+    pub source: MeterSource,
+}
+
+impl ZoneKey {
+    /// A key from its parts.
+    pub fn new(zone: Zone, device: impl Into<String>, source: MeterSource) -> Self {
+        Self {
+            zone,
+            device: device.into(),
+            source,
+        }
+    }
+}
+
+/// One zone's reading at one sample.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ZoneReading {
+    /// The series.
+    pub key: ZoneKey,
+    /// Cumulative energy since the meter started, in microjoules: wrap-corrected and
+    /// monotonic. `None` when the zone is unavailable now; the meter keeps the total and
+    /// continues from it if the zone comes back.
+    pub total_uj: Option<u64>,
+    /// Energy in the last interval, in microjoules (for power and attribution). `None` when
+    /// unavailable now, and on the first reading of a zone (no interval yet).
+    pub delta_uj: Option<u64>,
+    /// How many counter wraps were corrected since the meter started.
+    pub wraps: u64,
+}
+
+/// A process seen using a GPU in the last interval.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GpuProcess {
+    /// The GPU, as in [`ZoneKey::device`] (`gpu-0`).
+    pub device: String,
+    /// Host process id (a VM's QEMU or a host process).
+    pub pid: u32,
+    /// Share of the GPU's streaming multiprocessors this process used, in percent (0 when
+    /// NVML listed the process but reported no utilisation sample for it).
+    pub sm_util_percent: u32,
+}
+
+/// A vGPU instance (NVIDIA GRID / mdev) on a GPU, where the driver exposes them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GpuVgpu {
+    /// The physical GPU, as in [`ZoneKey::device`].
+    pub device: String,
+    /// The NVML vGPU instance id.
+    pub instance: u32,
+    /// The VM as the driver names it: a libvirt domain id or a UUID.
+    pub vm_id: Option<String>,
+    /// The mediated device's UUID (the `mdev` QEMU was given), when known.
+    pub mdev_uuid: Option<String>,
+    /// SM utilisation of this vGPU in the last interval, in percent, when the driver reports it.
+    pub sm_util_percent: Option<u32>,
+}
+
+/// Everything the meters measured in one interval.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct EnergySample {
+    /// One reading per known zone, unavailable ones included.
+    pub zones: Vec<ZoneReading>,
+    /// Processes using a GPU.
+    pub gpu_processes: Vec<GpuProcess>,
+    /// vGPU instances (empty where the driver has none or does not say).
+    pub vgpus: Vec<GpuVgpu>,
+    /// Time since the previous sample (zero for the first one).
+    pub interval: Duration,
+}
+
+/// Where to look for meters, and how to estimate without one.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EnergyConfig {
+    /// powercap class directory, normally `/sys/class/powercap`.
+    pub powercap_root: PathBuf,
+    /// perf event sources, normally `/sys/bus/event_source/devices`.
+    pub perf_root: PathBuf,
+    /// sysfs root, normally `/sys` (CPU topology).
+    pub sys_root: PathBuf,
+    /// procfs root, normally `/proc` (`stat`, `cpuinfo` for the estimate).
+    pub proc_root: PathBuf,
+    /// Whether and from where to load NVML.
+    pub nvml: NvmlConfig,
+    /// The power model's coefficients.
+    pub estimate: EstimateConfig,
+    /// Estimate CPU energy when no RAPL meter is readable.
+    pub allow_estimate: bool,
+}
+
+impl Default for EnergyConfig {
+    fn default() -> Self {
+        Self::under(Path::new("/sys"), Path::new("/proc"))
+    }
+}
+
+impl EnergyConfig {
+    /// All paths under the given sysfs and procfs roots (fixture trees in tests), NVML from
+    /// the default library, estimate allowed with the default table.
+    pub fn under(sys_root: &Path, proc_root: &Path) -> Self {
+        Self {
+            powercap_root: sys_root.join("class/powercap"),
+            perf_root: sys_root.join("bus/event_source/devices"),
+            sys_root: sys_root.to_path_buf(),
+            proc_root: proc_root.to_path_buf(),
+            nvml: NvmlConfig::Default,
+            estimate: EstimateConfig::default(),
+            allow_estimate: true,
+        }
+    }
+}
+
+/// How a meter fared on this host.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MeterState {
+    /// In use.
+    Active,
+    /// Present but not used: another source covers the same zones.
+    Standby,
+    /// Not present on this host.
+    NotFound,
+    /// Present, but this process may not read it (the detail says how to fix that).
+    NotPermitted,
+    /// Present but unusable for another reason (the detail says which).
+    Failed,
+    /// Turned off by configuration, or not needed.
+    Disabled,
+}
+
+impl MeterState {
+    /// Lowercase words for `optimus check`.
+    pub fn label(self) -> &'static str {
+        match self {
+            MeterState::Active => "active",
+            MeterState::Standby => "standby",
+            MeterState::NotFound => "not found",
+            MeterState::NotPermitted => "not permitted",
+            MeterState::Failed => "failed",
+            MeterState::Disabled => "disabled",
+        }
+    }
+}
+
+/// One line of `optimus check` for one meter.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MeterStatus {
+    /// The meter.
+    pub source: MeterSource,
+    /// What happened when it was opened.
+    pub state: MeterState,
+    /// What was found, or what went wrong and how to fix it.
+    pub detail: String,
+}
+
+impl MeterStatus {
+    pub(crate) fn new(source: MeterSource, state: MeterState, detail: impl Into<String>) -> Self {
+        Self {
+            source,
+            state,
+            detail: detail.into(),
+        }
+    }
+}
+
+impl fmt::Display for MeterStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}: {}", self.source, self.state.label(), self.detail)
+    }
+}
+
+/// Errors of the energy meters. Each carries the file or counter it concerns.
+#[derive(Debug, thiserror::Error)]
+pub enum EnergyError {
+    /// A file could not be read.
+    #[error("cannot {op} {}", path.display())]
+    Io {
+        /// What was being done (`read`, `list`).
+        op: &'static str,
+        /// The file or directory.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// A file did not hold what it should.
+    #[error("unexpected content {content:?} in {}", path.display())]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What it held (cut to 64 bytes).
+        content: String,
+    },
+    /// `perf_event_open` refused a power PMU event.
+    #[error("cannot open perf event power/{event}/ on cpu {cpu}")]
+    PerfOpen {
+        /// The event name (`energy-pkg`).
+        event: String,
+        /// The CPU it was opened on.
+        cpu: u32,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// Reading an open perf counter failed.
+    #[error("cannot read perf event power/{event}/ on cpu {cpu}")]
+    PerfRead {
+        /// The event name.
+        event: String,
+        /// The CPU.
+        cpu: u32,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// An NVML call failed.
+    #[error("nvml {op} failed")]
+    Nvml {
+        /// The call (`nvmlDeviceGetPowerUsage on gpu-0`).
+        op: String,
+        /// NVML's error.
+        #[source]
+        source: nvml_wrapper::error::NvmlError,
+    },
+}
+
+impl EnergyError {
+    /// The OS error kind, when this is an I/O error.
+    pub fn io_kind(&self) -> Option<io::ErrorKind> {
+        match self {
+            EnergyError::Io { source, .. }
+            | EnergyError::PerfOpen { source, .. }
+            | EnergyError::PerfRead { source, .. } => Some(source.kind()),
+            EnergyError::Parse { .. } | EnergyError::Nvml { .. } => None,
+        }
+    }
+}
+
+/// How files are read: `std::fs::read_to_string` in production; tests swap in one that fails
+/// the way a real sysfs file does as non-root (EACCES), which root cannot otherwise see.
+pub(crate) type ReadFn = fn(&Path) -> io::Result<String>;
+
+/// Reads a small sysfs/procfs file.
+pub(crate) fn read_text(read: ReadFn, path: &Path) -> Result<String, EnergyError> {
+    read(path).map_err(|source| EnergyError::Io {
+        op: "read",
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Reads a file holding one unsigned integer (surrounding whitespace allowed).
+pub(crate) fn read_u64(read: ReadFn, path: &Path) -> Result<u64, EnergyError> {
+    let text = read_text(read, path)?;
+    text.trim().parse().map_err(|_| EnergyError::Parse {
+        path: path.to_path_buf(),
+        content: text.chars().take(64).collect(),
+    })
+}
+
+/// An error and its causes on one line, for logs and `optimus check`
+/// (`cannot read /sys/...: Permission denied (os error 13)`).
+pub(crate) fn describe(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// Maps each given logical CPU to its package number: the rank of its
+/// `<sys>/devices/system/cpu/cpu<N>/topology/physical_package_id` among the distinct ids seen,
+/// which is how the kernel numbers `package-<n>` in powercap (logical package ids, 0..n).
+/// A CPU without topology (containers, fixtures) counts as package 0.
+pub(crate) fn cpu_packages(
+    sys_root: &Path,
+    cpus: &[u32],
+    read: ReadFn,
+) -> std::collections::BTreeMap<u32, u32> {
+    let cpu_dir = sys_root.join("devices/system/cpu");
+    let physical: Vec<(u32, u64)> = cpus
+        .iter()
+        .map(|&cpu| {
+            let path = cpu_dir.join(format!("cpu{cpu}/topology/physical_package_id"));
+            (cpu, read_u64(read, &path).unwrap_or(0))
+        })
+        .collect();
+    let mut ids: Vec<u64> = physical.iter().map(|&(_, id)| id).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    physical
+        .into_iter()
+        .map(|(cpu, id)| {
+            let rank = ids.iter().position(|&i| i == id).unwrap_or(0);
+            (cpu, u32::try_from(rank).unwrap_or(u32::MAX))
+        })
+        .collect()
+}
+
+/// Wrap-aware counter delta: the one function every energy counter goes through.
+///
+/// The counter takes values `0..=max_range` and wraps to 0 after `max_range` (for powercap,
+/// `max_range` is the zone's `max_energy_range_uj`; for a 64-bit perf counter, `u64::MAX`).
+/// When `now < prev` the counter wrapped once: the delta is `(max_range - prev) + now + 1`,
+/// exact for a counter of modulus `max_range + 1` and, for powercap (whose true modulus is
+/// `max_energy_range_uj` plus one raw step of 15 to 61 µJ), within one raw step. A counter
+/// that wrapped more than once within one interval cannot be told from one that wrapped
+/// once; the sampler's interval is far shorter than a wrap period (minutes at full load).
+///
+/// Returns the delta and whether a wrap was corrected.
+pub fn counter_delta(prev: u64, now: u64, max_range: u64) -> (u64, bool) {
+    if now >= prev {
+        return (now - prev, false);
+    }
+    let to_top = u128::from(max_range.saturating_sub(prev));
+    let delta = to_top + u128::from(now) + 1;
+    (u64::try_from(delta).unwrap_or(u64::MAX), true)
+}
+
+/// Converts a non-negative float amount (of microjoules) to an integer, rounding to nearest;
+/// negative or NaN gives 0, too large gives `u64::MAX`.
+pub(crate) fn round_to_u64(x: f64) -> u64 {
+    if x.is_nan() || x <= 0.0 {
+        return 0;
+    }
+    #[expect(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        reason = "non-negative here; `as` from float saturates at u64::MAX by definition"
+    )]
+    let v = x.round() as u64;
+    v
+}
+
+/// Relative difference `|a - b| / max(a, b)`; `None` when both are zero.
+pub(crate) fn relative_difference(a: u64, b: u64) -> Option<f64> {
+    let hi = a.max(b);
+    if hi == 0 {
+        return None;
+    }
+    Some(a.abs_diff(b) as f64 / hi as f64)
+}
+
+/// The perf and powercap readings of the same package may differ a little (they are read at
+/// slightly different instants); more than this means one of them is wrong.
+const CROSS_CHECK_TOLERANCE: f64 = 0.05;
+
+/// All energy meters of the host, opened once, sampled once per interval.
+pub struct EnergyMeters {
+    perf: Option<perf::PerfMeter>,
+    powercap: Option<powercap::PowercapMeter>,
+    /// Powercap's view of the zones perf covers, kept for one interval for the cross-check.
+    shadow: Option<powercap::PowercapMeter>,
+    estimate: Option<estimate::Estimator>,
+    nvml: Option<nvml::NvmlMeter>,
+    statuses: Vec<MeterStatus>,
+    last: Option<Instant>,
+}
+
+impl fmt::Debug for EnergyMeters {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EnergyMeters")
+            .field("statuses", &self.statuses)
+            .finish_non_exhaustive()
+    }
+}
+
+impl EnergyMeters {
+    /// Finds and opens every meter. Never fails: each meter ends up active, not found, not
+    /// permitted (with the fix) or failed, as [`EnergyMeters::status`] reports. Each meter takes
+    /// a first (baseline) reading, so that the first [`EnergyMeters::sample`] has deltas.
+    pub fn open(cfg: &EnergyConfig) -> EnergyMeters {
+        Self::open_at(cfg, Instant::now())
+    }
+
+    /// [`EnergyMeters::open`] with the baseline taken at `now`.
+    pub fn open_at(cfg: &EnergyConfig, now: Instant) -> EnergyMeters {
+        Self::open_with(cfg, now, |path| std::fs::read_to_string(path))
+    }
+
+    pub(crate) fn open_with(cfg: &EnergyConfig, now: Instant, read: ReadFn) -> EnergyMeters {
+        let (mut powercap, mut powercap_status) = powercap::PowercapMeter::open(&cfg.powercap_root, read);
+        let (perf, perf_status) = perf::PerfMeter::open(&cfg.perf_root, &cfg.sys_root, read);
+
+        let mut shadow = None;
+        if let (Some(perf), Some(pc)) = (&perf, powercap.as_mut()) {
+            let covered = perf.covered();
+            let mut covered_by_perf = pc.split_off(|k| covered.contains(&(k.zone, k.device.clone())));
+            covered_by_perf.retain(|k| k.zone == Zone::Package);
+            if covered_by_perf.readable_zones() > 0 {
+                shadow = Some(covered_by_perf);
+            }
+            if pc.is_empty() {
+                powercap_status = MeterStatus::new(
+                    MeterSource::RaplPowercap,
+                    MeterState::Standby,
+                    "rapl-perf covers the same zones and is preferred (64-bit counters); used once to cross-check",
+                );
+                powercap = None;
+            } else {
+                powercap_status.detail =
+                    format!("{} (zones rapl-perf does not have)", powercap_status.detail);
+            }
+        }
+        if let Some(pc) = &powercap {
+            if pc.readable_zones() == 0 {
+                // Not one zone readable: keep the status (it carries the fix), fall back to
+                // the estimate rather than report a tree of unavailable zones.
+                powercap = None;
+            }
+        }
+
+        let cpu_meter = perf.is_some() || powercap.is_some();
+        let (estimate, estimate_status) = if cpu_meter {
+            (
+                None,
+                MeterStatus::new(
+                    MeterSource::Estimated,
+                    MeterState::Disabled,
+                    "not needed: a RAPL meter is readable",
+                ),
+            )
+        } else if !cfg.allow_estimate {
+            (
+                None,
+                MeterStatus::new(
+                    MeterSource::Estimated,
+                    MeterState::Disabled,
+                    "no RAPL meter readable and estimation turned off: no CPU energy",
+                ),
+            )
+        } else {
+            estimate::Estimator::open(&cfg.proc_root, &cfg.sys_root, &cfg.estimate, read, now)
+        };
+
+        let (nvml, nvml_status) = nvml::NvmlMeter::open(&cfg.nvml, now);
+
+        // Every meter took its baseline reading while opening.
+        EnergyMeters {
+            perf,
+            powercap,
+            shadow,
+            estimate,
+            nvml,
+            statuses: vec![perf_status, powercap_status, estimate_status, nvml_status],
+            last: Some(now),
+        }
+    }
+
+    /// One line per meter for `optimus check`: found, not found, not permitted (with the fix).
+    pub fn status(&self) -> Vec<MeterStatus> {
+        self.statuses.clone()
+    }
+
+    /// Reads every meter once; call once per interval.
+    pub fn sample(&mut self) -> EnergySample {
+        self.sample_at(Instant::now())
+    }
+
+    /// [`EnergyMeters::sample`] at a given instant (the sampler's clock; tests).
+    pub fn sample_at(&mut self, now: Instant) -> EnergySample {
+        let interval = self
+            .last
+            .map_or(Duration::ZERO, |last| now.saturating_duration_since(last));
+        self.last = Some(now);
+
+        let mut zones = Vec::new();
+        if let Some(m) = self.perf.as_mut() {
+            zones.extend(m.sample());
+        }
+        if let Some(m) = self.powercap.as_mut() {
+            zones.extend(m.sample());
+        }
+        if let Some(m) = self.shadow.as_mut() {
+            let reference = m.sample();
+            if reference.iter().any(|r| r.delta_uj.is_some()) {
+                let notes = cross_check(&zones, &reference);
+                if let Some(status) = self
+                    .statuses
+                    .iter_mut()
+                    .find(|s| s.source == MeterSource::RaplPerf)
+                {
+                    for note in notes {
+                        status.detail = format!("{}; {note}", status.detail);
+                    }
+                }
+                self.shadow = None;
+            }
+        }
+        if let Some(m) = self.estimate.as_mut() {
+            zones.extend(m.sample(now));
+        }
+        let mut gpu_processes = Vec::new();
+        let mut vgpus = Vec::new();
+        if let Some(m) = self.nvml.as_mut() {
+            let gpu = m.sample(now);
+            zones.extend(gpu.zones);
+            gpu_processes = gpu.processes;
+            vgpus = gpu.vgpus;
+        }
+        EnergySample {
+            zones,
+            gpu_processes,
+            vgpus,
+            interval,
+        }
+    }
+}
+
+/// Compares perf's package deltas with powercap's over the same interval; warns (and returns
+/// a note) for each package where they differ by more than [`CROSS_CHECK_TOLERANCE`].
+fn cross_check(perf: &[ZoneReading], powercap: &[ZoneReading]) -> Vec<String> {
+    let mut notes = Vec::new();
+    for reference in powercap {
+        let Some(b) = reference.delta_uj else { continue };
+        let Some(a) = perf
+            .iter()
+            .find(|r| {
+                r.key.source == MeterSource::RaplPerf
+                    && r.key.zone == reference.key.zone
+                    && r.key.device == reference.key.device
+            })
+            .and_then(|r| r.delta_uj)
+        else {
+            continue;
+        };
+        match relative_difference(a, b) {
+            Some(d) if d > CROSS_CHECK_TOLERANCE => {
+                let note = format!(
+                    "cross-check: {} {} differs from rapl-powercap by {:.1} % ({a} µJ vs {b} µJ)",
+                    reference.key.device,
+                    reference.key.zone,
+                    d * 100.0
+                );
+                log::warn!(
+                    "{note}; one of the two RAPL interfaces is misreporting, check the kernel's intel_rapl and perf rapl drivers"
+                );
+                notes.push(note);
+            }
+            _ => log::debug!(
+                "cross-check: {} {} rapl-perf {a} µJ, rapl-powercap {b} µJ: agree",
+                reference.key.device,
+                reference.key.zone
+            ),
+        }
+    }
+    notes
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counter_delta_without_wrap() {
+        assert_eq!(counter_delta(1_000, 4_500, 262_143_328_850), (3_500, false));
+        assert_eq!(counter_delta(7, 7, 100), (0, false));
+    }
+
+    #[test]
+    fn counter_delta_across_wrap() {
+        // 999_999 µJ to the top, one step over the top, then 2 J more: 3 J.
+        let max = 262_143_328_850;
+        assert_eq!(
+            counter_delta(max - 999_999, 2_000_000, max),
+            (3_000_000, true)
+        );
+        // Wrap from the very top to zero is one step.
+        assert_eq!(counter_delta(max, 0, max), (1, true));
+    }
+
+    #[test]
+    fn counter_delta_full_64_bit_range() {
+        // A 64-bit counter wraps modulo 2^64: exactly wrapping_sub.
+        let prev = u64::MAX - 9;
+        assert_eq!(counter_delta(prev, 5, u64::MAX), (15, true));
+        assert_eq!(5u64.wrapping_sub(prev), 15);
+    }
+
+    #[test]
+    fn counter_delta_inconsistent_prev_above_range() {
+        // prev beyond the declared range: count what is certain (now + 1), do not underflow.
+        assert_eq!(counter_delta(150, 10, 100), (11, true));
+    }
+
+    #[test]
+    fn relative_difference_and_cross_check() {
+        assert_eq!(relative_difference(0, 0), None);
+        assert_eq!(relative_difference(100, 95), Some(0.05));
+        let key = |s| ZoneKey::new(Zone::Package, "package-0", s);
+        let perf = vec![ZoneReading {
+            key: key(MeterSource::RaplPerf),
+            total_uj: Some(0),
+            delta_uj: Some(10_000_000),
+            wraps: 0,
+        }];
+        let close = vec![ZoneReading {
+            key: key(MeterSource::RaplPowercap),
+            total_uj: Some(0),
+            delta_uj: Some(9_600_000),
+            wraps: 0,
+        }];
+        assert!(cross_check(&perf, &close).is_empty());
+        let far = vec![ZoneReading {
+            delta_uj: Some(8_000_000),
+            ..close[0].clone()
+        }];
+        let notes = cross_check(&perf, &far);
+        assert_eq!(notes.len(), 1);
+        assert!(notes[0].contains("20.0 %"), "{}", notes[0]);
+    }
+
+    #[test]
+    fn labels() {
+        assert_eq!(Zone::Package.label(), "package");
+        assert_eq!(Zone::Gpu.to_string(), "gpu");
+        assert_eq!(MeterSource::RaplPowercap.label(), "rapl-powercap");
+        assert_eq!(MeterSource::Estimated.to_string(), "estimated");
+    }
+
+    #[test]
+    fn round_to_u64_saturates() {
+        assert_eq!(round_to_u64(-3.0), 0);
+        assert_eq!(round_to_u64(f64::NAN), 0);
+        assert_eq!(round_to_u64(2.5), 3);
+        assert_eq!(round_to_u64(1e30), u64::MAX);
+    }
+}

@@ -1,0 +1,253 @@
+//! Exporter: renders the latest [`Snapshot`] as OpenMetrics text and serves it over HTTP.
+//!
+//! Metric names are a contract (README "Metrics"); every family is written from the
+//! snapshot on each scrape, so series of VMs that are gone simply stop appearing.
+
+pub mod http;
+
+use std::fmt;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::{Registry, Unit};
+
+use crate::discovery::VmId;
+use crate::sampler::cpu::KINDS;
+use crate::sampler::{SharedSnapshot, Snapshot};
+
+/// Renders a snapshot into OpenMetrics text.
+pub fn render(snapshot: &Snapshot) -> Result<String, fmt::Error> {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(SnapshotCollector(std::sync::Arc::new(
+        snapshot.clone(),
+    ))));
+    let mut out = String::with_capacity(4096 + snapshot.vms.len() * 1024);
+    prometheus_client::encoding::text::encode(&mut out, &registry)?;
+    Ok(out)
+}
+
+/// Renders whatever the sampler published last.
+pub fn render_shared(shared: &SharedSnapshot) -> Result<String, fmt::Error> {
+    let snapshot = match shared.read() {
+        Ok(guard) => guard.clone(),
+        Err(poisoned) => poisoned.into_inner().clone(),
+    };
+    render(&snapshot)
+}
+
+/// Rewrites OpenMetrics text into the classic Prometheus text format (0.0.4), for clients
+/// that do not ask for OpenMetrics (curl, `promtool check metrics`, older scrapers).
+///
+/// The two differ only where this matters: a classic counter family is named with its
+/// `_total` suffix, and there are no `# UNIT` or `# EOF` lines.
+pub fn to_classic(openmetrics: &str) -> String {
+    let mut out = String::with_capacity(openmetrics.len());
+    let mut help: Option<(&str, &str)> = None;
+    for line in openmetrics.lines() {
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            help = Some(rest.split_once(' ').unwrap_or((rest, "")));
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap_or((rest, "untyped"));
+            let name = if kind == "counter" {
+                format!("{name}_total")
+            } else {
+                name.to_owned()
+            };
+            if let Some((_, text)) = help.take() {
+                out.push_str(&format!("# HELP {name} {text}\n"));
+            }
+            out.push_str(&format!("# TYPE {name} {kind}\n"));
+            continue;
+        }
+        if line.starts_with("# UNIT ") || line == "# EOF" {
+            continue;
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
+}
+
+#[derive(Debug)]
+struct SnapshotCollector(std::sync::Arc<Snapshot>);
+
+type Labels<'a, const N: usize> = [(&'static str, &'a str); N];
+
+/// Writes one family of counters.
+fn counters<'a, const N: usize>(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    unit: Option<&Unit>,
+    series: impl IntoIterator<Item = (Labels<'a, N>, f64)>,
+) -> fmt::Result {
+    let mut family = enc.encode_descriptor(name, help, unit, MetricType::Counter)?;
+    for (labels, value) in series {
+        family
+            .encode_family(&labels)?
+            .encode_counter::<NoLabelSet, _, f64>(&value, None)?;
+    }
+    Ok(())
+}
+
+/// Writes one family of gauges.
+fn gauges<'a, const N: usize>(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    unit: Option<&Unit>,
+    series: impl IntoIterator<Item = (Labels<'a, N>, f64)>,
+) -> fmt::Result {
+    let mut family = enc.encode_descriptor(name, help, unit, MetricType::Gauge)?;
+    for (labels, value) in series {
+        family.encode_family(&labels)?.encode_gauge(&value)?;
+    }
+    Ok(())
+}
+
+#[expect(
+    clippy::cast_precision_loss,
+    reason = "event counts stay far below 2^53 for the life of a host"
+)]
+fn count(v: u64) -> f64 {
+    v as f64
+}
+
+impl Collector for SnapshotCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> fmt::Result {
+        let s = &*self.0;
+        // Info metrics are gauges named `*_info` with value 1 (what OpenMetrics' info type
+        // means): the classic text parser of `promtool check metrics` rejects type `info`.
+        gauges(
+            &mut enc,
+            "optimus_build_info",
+            "Optimus build information",
+            None,
+            [([("version", env!("CARGO_PKG_VERSION"))], 1.0)],
+        )?;
+        gauges(
+            &mut enc,
+            "optimus_vm_info",
+            "A VM on this host: its name, UUID and where its identity comes from (libvirt or proc)",
+            None,
+            s.vms.iter().map(|vm| {
+                (
+                    [
+                        ("vm_name", vm.id.name.as_str()),
+                        ("vm_uuid", vm.id.uuid.as_str()),
+                        ("source", vm.source.as_str()),
+                    ],
+                    1.0,
+                )
+            }),
+        )?;
+
+        counters(
+            &mut enc,
+            "optimus_vm_cpu",
+            "On-CPU time of a VM's threads by kind (vcpu, emulator, iothread, vhost), from eBPF sched_switch",
+            Some(&Unit::Seconds),
+            s.vms.iter().flat_map(|vm| {
+                KINDS.iter().zip(vm.cpu_seconds_by_kind).map(|(kind, v)| {
+                    (
+                        [
+                            ("vm_name", vm.id.name.as_str()),
+                            ("vm_uuid", vm.id.uuid.as_str()),
+                            ("thread_kind", *kind),
+                        ],
+                        v,
+                    )
+                })
+            }),
+        )?;
+
+        let vcpu_labels: Vec<(&VmId, String, f64)> = s
+            .vms
+            .iter()
+            .flat_map(|vm| {
+                vm.vcpu_seconds
+                    .iter()
+                    .map(move |(n, v)| (&vm.id, n.to_string(), *v))
+            })
+            .collect();
+        counters(
+            &mut enc,
+            "optimus_vcpu_cpu",
+            "On-CPU time of one vCPU thread, from eBPF sched_switch",
+            Some(&Unit::Seconds),
+            vcpu_labels.iter().map(|(id, n, v)| {
+                (
+                    [
+                        ("vm_name", id.name.as_str()),
+                        ("vm_uuid", id.uuid.as_str()),
+                        ("vcpu", n.as_str()),
+                    ],
+                    *v,
+                )
+            }),
+        )?;
+
+        gauges(
+            &mut enc,
+            "optimus_vms",
+            "VMs found in the last scan",
+            None,
+            [([], count(s.vms.len() as u64))],
+        )?;
+
+        let a = &s.agent;
+        counters(
+            &mut enc,
+            "optimus_agent_cpu",
+            "CPU time the agent itself has used (user + system)",
+            Some(&Unit::Seconds),
+            [([], a.cpu_seconds)],
+        )?;
+        gauges(
+            &mut enc,
+            "optimus_agent_resident_memory",
+            "Resident memory of the agent",
+            Some(&Unit::Bytes),
+            [([], count(a.resident_bytes))],
+        )?;
+        counters(
+            &mut enc,
+            "optimus_ebpf_events",
+            "Events seen by an eBPF program",
+            None,
+            [([("program", "sched_switch")], count(a.sched_switch_events))],
+        )?;
+        counters(
+            &mut enc,
+            "optimus_ebpf_dropped",
+            "Records an eBPF program could not store because its map was full",
+            None,
+            [([], count(a.ebpf_dropped))],
+        )?;
+        counters(
+            &mut enc,
+            "optimus_samples",
+            "Samples taken by the agent",
+            None,
+            [([], count(a.samples))],
+        )?;
+        counters(
+            &mut enc,
+            "optimus_sample_errors",
+            "Samples in which a data source failed (its previous data was kept)",
+            None,
+            [([], count(a.sample_errors))],
+        )?;
+        gauges(
+            &mut enc,
+            "optimus_sample_duration",
+            "How long the last sample took",
+            Some(&Unit::Seconds),
+            [([], a.last_sample_seconds)],
+        )?;
+        Ok(())
+    }
+}

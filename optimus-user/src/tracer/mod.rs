@@ -1,0 +1,359 @@
+//! The kernel side, seen from userspace: loads the eBPF programs, tells them which threads
+//! to charge, and reads per-thread, per-CPU on-CPU nanoseconds and block I/O counters.
+//!
+//! Reads are raw kernel numbers; keeping VM totals monotonic across thread exits is the
+//! job of [`crate::sampler`].
+
+pub mod btf;
+pub mod tracefs;
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+
+use aya::maps::{HashMap as BpfHashMap, MapData, MapError, PerCpuArray, PerCpuHashMap};
+use aya::programs::{ProgramError, RawTracePoint, TracePoint};
+use aya::{Ebpf, EbpfError, EbpfLoader};
+use optimus_common::{BlockIoKey, BlockIoValue, RunningSlice, TracerStats, TRACKED_YES};
+
+use crate::host::HostPaths;
+
+/// The compiled eBPF object, built by `build.rs` from the `optimus-ebpf` crate.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/optimus"));
+
+/// How to load the tracer.
+#[derive(Clone, Debug)]
+pub struct TracerOptions {
+    /// Charge every thread on the host, not only the tracked ones.
+    pub track_all: bool,
+    /// Attach the block I/O program too.
+    pub block_io: bool,
+    /// Kernel BTF, normally `/sys/kernel/btf/vmlinux`.
+    pub btf_path: PathBuf,
+    pub paths: HostPaths,
+}
+
+impl Default for TracerOptions {
+    fn default() -> Self {
+        Self {
+            track_all: false,
+            block_io: true,
+            btf_path: PathBuf::from("/sys/kernel/btf/vmlinux"),
+            paths: HostPaths::default(),
+        }
+    }
+}
+
+/// Why the tracer cannot run; each message names the fix.
+#[derive(Debug, thiserror::Error)]
+pub enum TracerError {
+    #[error("kernel BTF unavailable ({0}); Optimus needs a kernel built with CONFIG_DEBUG_INFO_BTF=y")]
+    Btf(#[from] btf::BtfError),
+    #[error("loading the eBPF programs failed (run as root, or grant CAP_BPF and CAP_PERFMON)")]
+    Load(#[source] EbpfError),
+    #[error("eBPF program {name} is missing from the object")]
+    MissingProgram { name: &'static str },
+    #[error("eBPF program {name}: {op} failed")]
+    Program {
+        name: &'static str,
+        op: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("eBPF map {name}: {op} failed")]
+    Map {
+        name: &'static str,
+        op: &'static str,
+        #[source]
+        source: MapError,
+    },
+}
+
+/// Whether block I/O is being traced, and from which tracepoint.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BlockIoStatus {
+    /// Not asked for.
+    Disabled,
+    /// Attached to `block:<tracepoint>`.
+    Attached { tracepoint: &'static str },
+    /// Asked for, but neither tracepoint could be used: the reason, for the logs and `check`.
+    Unavailable(String),
+}
+
+/// On-CPU time of the tracked threads at one instant.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CpuReading {
+    /// CLOCK_MONOTONIC nanoseconds of the read.
+    pub at_ns: u64,
+    /// Per thread id: nanoseconds on each CPU (index = CPU id), the running slice included.
+    pub threads: HashMap<u32, Vec<u64>>,
+}
+
+impl CpuReading {
+    /// A thread's total over all CPUs.
+    pub fn total_ns(&self, tid: u32) -> Option<u64> {
+        self.threads.get(&tid).map(|v| v.iter().sum())
+    }
+}
+
+/// The loaded programs and typed handles to their maps. Dropping it detaches everything.
+pub struct Tracer {
+    // Keeps programs and links alive.
+    _ebpf: Ebpf,
+    tracked: BpfHashMap<MapData, u32, u32>,
+    cpu_ns: PerCpuHashMap<MapData, u32, u64>,
+    running: PerCpuArray<MapData, RunningSlice>,
+    stats: PerCpuArray<MapData, TracerStats>,
+    block_io: PerCpuHashMap<MapData, BlockIoKey, BlockIoValue>,
+    tracked_set: HashSet<u32>,
+    track_all: bool,
+    block_status: BlockIoStatus,
+}
+
+fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, TracerError> {
+    ebpf.take_map(name).ok_or(TracerError::Map {
+        name,
+        op: "find",
+        source: MapError::InvalidName {
+            name: name.to_owned(),
+        },
+    })
+}
+
+fn map_err(name: &'static str, op: &'static str) -> impl FnOnce(MapError) -> TracerError {
+    move |source| TracerError::Map { name, op, source }
+}
+
+fn prog_err(name: &'static str, op: &'static str) -> impl FnOnce(ProgramError) -> TracerError {
+    move |source| TracerError::Program { name, op, source }
+}
+
+impl Tracer {
+    /// Loads and attaches the programs. Needs root (or CAP_BPF + CAP_PERFMON).
+    pub fn load(opts: &TracerOptions) -> Result<Self, TracerError> {
+        raise_memlock_limit();
+        let pid_offset = u64::from(btf::member_offset(&opts.btf_path, "task_struct", "pid")?);
+        let track_all = u32::from(opts.track_all);
+        let block_fields = if opts.block_io {
+            block_io_fields(&opts.paths)
+        } else {
+            Err(String::new())
+        };
+        let mut loader = EbpfLoader::new();
+        loader
+            .override_global("TRACK_ALL", &track_all, true)
+            .override_global("TASK_PID_OFFSET", &pid_offset, true);
+        let offsets;
+        if let Ok((_, o)) = &block_fields {
+            offsets = *o;
+            loader
+                .override_global("BIO_DEV_OFFSET", &offsets[0], true)
+                .override_global("BIO_BYTES_OFFSET", &offsets[1], true)
+                .override_global("BIO_RWBS_OFFSET", &offsets[2], true);
+        }
+        let mut ebpf = loader.load(EBPF_OBJECT).map_err(TracerError::Load)?;
+
+        let prog: &mut RawTracePoint = program(&mut ebpf, "sched_switch")?;
+        prog.load().map_err(prog_err("sched_switch", "load"))?;
+        prog.attach("sched_switch")
+            .map_err(prog_err("sched_switch", "attach"))?;
+
+        let block_status = match block_fields {
+            Ok((tracepoint, _)) if opts.block_io => {
+                let prog: &mut TracePoint = program(&mut ebpf, tracepoint)?;
+                match prog
+                    .load()
+                    .and_then(|()| prog.attach("block", tracepoint).map(|_| ()))
+                {
+                    Ok(()) => BlockIoStatus::Attached { tracepoint },
+                    Err(e) => BlockIoStatus::Unavailable(format!(
+                        "attaching block:{tracepoint} failed: {e}"
+                    )),
+                }
+            }
+            Err(why) if opts.block_io => BlockIoStatus::Unavailable(why),
+            _ => BlockIoStatus::Disabled,
+        };
+
+        let tracked = BpfHashMap::try_from(take_map(&mut ebpf, "TRACKED")?)
+            .map_err(map_err("TRACKED", "open"))?;
+        let cpu_ns = PerCpuHashMap::try_from(take_map(&mut ebpf, "CPU_NS")?)
+            .map_err(map_err("CPU_NS", "open"))?;
+        let running = PerCpuArray::try_from(take_map(&mut ebpf, "RUNNING")?)
+            .map_err(map_err("RUNNING", "open"))?;
+        let stats = PerCpuArray::try_from(take_map(&mut ebpf, "STATS")?)
+            .map_err(map_err("STATS", "open"))?;
+        let block_io = PerCpuHashMap::try_from(take_map(&mut ebpf, "BLOCK_IO")?)
+            .map_err(map_err("BLOCK_IO", "open"))?;
+        Ok(Self {
+            _ebpf: ebpf,
+            tracked,
+            cpu_ns,
+            running,
+            stats,
+            block_io,
+            tracked_set: HashSet::new(),
+            track_all: opts.track_all,
+            block_status,
+        })
+    }
+
+    /// Whether block I/O is traced.
+    pub fn block_io_status(&self) -> &BlockIoStatus {
+        &self.block_status
+    }
+
+    /// True in track-everything mode.
+    pub fn tracks_all(&self) -> bool {
+        self.track_all
+    }
+
+    /// Makes the in-kernel filter charge exactly `tids` (ignored in track-everything mode).
+    pub fn set_tracked(&mut self, tids: &HashSet<u32>) -> Result<(), TracerError> {
+        if self.track_all {
+            return Ok(());
+        }
+        for &tid in tids.difference(&self.tracked_set) {
+            self.tracked
+                .insert(tid, TRACKED_YES, 0)
+                .map_err(map_err("TRACKED", "insert"))?;
+        }
+        let gone: Vec<u32> = self.tracked_set.difference(tids).copied().collect();
+        for tid in gone {
+            // Already absent is fine: the map is ours alone.
+            let _ = self.tracked.remove(&tid);
+        }
+        self.tracked_set.clone_from(tids);
+        Ok(())
+    }
+
+    /// Reads every charged thread's per-CPU nanoseconds, plus the slice each CPU's tracked
+    /// thread is running right now.
+    pub fn read_cpu(&self) -> Result<CpuReading, TracerError> {
+        let mut threads = HashMap::new();
+        for entry in self.cpu_ns.iter() {
+            let (tid, values) = entry.map_err(map_err("CPU_NS", "iterate"))?;
+            threads.insert(tid, values.to_vec());
+        }
+        // Map first, then slots, then the clock: a switch between the two reads can only
+        // under-count until the next read (which the sampler's monotonic clamp absorbs),
+        // never count a slice twice.
+        let slots = self
+            .running
+            .get(&0, 0)
+            .map_err(map_err("RUNNING", "read"))?;
+        let at_ns = monotonic_ns();
+        let ncpus = slots.len();
+        for (cpu, slot) in slots.iter().enumerate() {
+            if slot.tracked == 0 || slot.tid == 0 {
+                continue;
+            }
+            let per_cpu = threads
+                .entry(slot.tid)
+                .or_insert_with(|| vec![0; ncpus]);
+            if let Some(v) = per_cpu.get_mut(cpu) {
+                *v += at_ns.saturating_sub(slot.since_ns);
+            }
+        }
+        Ok(CpuReading { at_ns, threads })
+    }
+
+    /// Drops the kernel counters of threads that have exited (after their final read).
+    pub fn forget(&mut self, tids: &[u32]) {
+        for tid in tids {
+            let _ = self.cpu_ns.remove(tid);
+        }
+    }
+
+    /// The programs' own counters, summed over CPUs.
+    pub fn stats(&self) -> Result<TracerStats, TracerError> {
+        let per_cpu = self.stats.get(&0, 0).map_err(map_err("STATS", "read"))?;
+        Ok(per_cpu.iter().fold(TracerStats::default(), |a, s| TracerStats {
+            switches: a.switches + s.switches,
+            charged: a.charged + s.charged,
+            dropped: a.dropped + s.dropped,
+            read_errors: a.read_errors + s.read_errors,
+        }))
+    }
+
+    /// Block I/O counters per (process, cgroup, device, direction), summed over CPUs.
+    pub fn read_block_io(&self) -> Result<Vec<(BlockIoKey, BlockIoValue)>, TracerError> {
+        let mut out = Vec::new();
+        for entry in self.block_io.iter() {
+            let (key, values) = entry.map_err(map_err("BLOCK_IO", "iterate"))?;
+            let sum = values.iter().fold(BlockIoValue::default(), |a, v| BlockIoValue {
+                bytes: a.bytes + v.bytes,
+                ops: a.ops + v.ops,
+            });
+            out.push((key, sum));
+        }
+        Ok(out)
+    }
+
+    /// Drops block I/O entries whose counts the caller has folded into its own totals.
+    pub fn forget_block_io(&mut self, keys: &[BlockIoKey]) {
+        for key in keys {
+            let _ = self.block_io.remove(key);
+        }
+    }
+}
+
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, TracerError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or(TracerError::MissingProgram { name })?
+        .try_into()
+        .map_err(prog_err(name, "open"))
+}
+
+/// Picks the block tracepoint and its field offsets: `block_io_start` (6.5+, runs in the
+/// submitter's context), else `block_rq_issue`.
+fn block_io_fields(paths: &HostPaths) -> Result<(&'static str, [u64; 3]), String> {
+    let mut why = Vec::new();
+    for tp in ["block_io_start", "block_rq_issue"] {
+        match tracefs::fields(&paths.sys, "block", tp, &["dev", "bytes", "rwbs"]) {
+            Ok(f) => {
+                if let [dev, bytes, rwbs] = f[..] {
+                    if dev.size == 4 && bytes.size == 4 && rwbs.size >= 8 {
+                        return Ok((
+                            tp,
+                            [dev.offset, bytes.offset, rwbs.offset].map(u64::from),
+                        ));
+                    }
+                }
+                why.push(format!("block:{tp} has an unexpected record layout"));
+            }
+            Err(e) => why.push(e.to_string()),
+        }
+    }
+    Err(format!(
+        "no usable block tracepoint ({}); mount tracefs: mount -t tracefs nodev /sys/kernel/tracing",
+        why.join("; ")
+    ))
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we own; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
+}
+
+/// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; newer ones ignore it.
+fn raise_memlock_limit() {
+    let rlim = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: setrlimit reads the struct we own; failure only matters on old kernels, where
+    // the map creation error that follows says so.
+    let ret = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) };
+    if ret != 0 {
+        log::debug!("setrlimit(RLIMIT_MEMLOCK) failed; fine on kernels 5.11 and later");
+    }
+}

@@ -1,0 +1,677 @@
+//! A tiny Linux guest: Debian's cloud kernel plus a busybox initramfs whose `/init` does
+//! what a [`GuestPlan`] says (spin on some vCPUs, optionally do direct block I/O).
+//!
+//! The kernel package comes from the host's apt sources (`apt-get download`), so building
+//! needs no internet beyond the Debian mirror; the initramfs is written here in the `newc`
+//! cpio format (<https://docs.kernel.org/driver-api/early-userspace/buffer-format.html>).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::fs::File;
+use std::hash::{Hash, Hasher};
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+
+use crate::env::{cache_dir, find_tool, require_tools};
+use crate::proc::run_ok;
+
+/// Printed on the serial console once modules are loaded and the busy loops started.
+pub const READY_MARKER: &str = "OPTIMUS-GUEST-READY";
+/// Printed after the [`IoPlan`] write finished.
+pub const IO_WRITE_DONE_MARKER: &str = "OPTIMUS-IO-WRITE-DONE";
+/// Printed after the [`IoPlan`] read finished.
+pub const IO_READ_DONE_MARKER: &str = "OPTIMUS-IO-READ-DONE";
+/// Printed instead of a done marker when a `dd` of the [`IoPlan`] failed.
+pub const IO_FAILED_MARKER: &str = "OPTIMUS-IO-FAILED";
+
+/// virtio modules the guest loads, in dependency order (the cloud kernel builds them as
+/// modules, so a guest without them sees no `/dev/vda`).
+const MODULES: [&str; 6] = [
+    "virtio_ring",
+    "virtio",
+    "virtio_pci_modern_dev",
+    "virtio_pci_legacy_dev",
+    "virtio_pci",
+    "virtio_blk",
+];
+
+/// Applets the init script uses, linked to `/bin/busybox` in the initramfs.
+const APPLETS: [&str; 12] = [
+    "sh", "mount", "insmod", "taskset", "dd", "sleep", "cat", "echo", "tr", "seq", "ls", "dmesg",
+];
+
+/// Bump when the cache layout or initramfs contents change in a way the hash below misses.
+const FORMAT_VERSION: u32 = 1;
+
+/// Kernel and initramfs of the test guest, on the host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestImage {
+    /// `vmlinuz` of Debian's `linux-image-*-cloud-amd64`.
+    pub kernel: PathBuf,
+    /// newc cpio (uncompressed) with busybox, the virtio modules and `/init`.
+    pub initrd: PathBuf,
+}
+
+impl GuestImage {
+    /// Builds the image once into `cache_dir()/guest` and returns it; later calls (from any
+    /// process: a file lock serialises them) reuse it. Prints progress to stderr while
+    /// building. Needs `apt-get`, `apt-cache`, `dpkg-deb` and `busybox-static`.
+    pub fn ensure() -> anyhow::Result<GuestImage> {
+        let dir = cache_dir().join("guest");
+        std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+        let _lock = lock(&dir.join(".lock"))?;
+        let kernel_dir = ensure_kernel(&dir)?;
+        let modules = list_modules(&kernel_dir.join("modules"))?;
+        let busybox = static_busybox()?;
+        let init = init_script(&modules);
+
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        FORMAT_VERSION.hash(&mut hasher);
+        init.hash(&mut hasher);
+        for (name, path) in &modules {
+            name.hash(&mut hasher);
+            file_fingerprint(path)?.hash(&mut hasher);
+        }
+        file_fingerprint(&busybox)?.hash(&mut hasher);
+        let initrd = dir.join(format!("initrd-{:016x}.cpio", hasher.finish()));
+        if !initrd.exists() {
+            let bytes = build_initramfs(&busybox, &modules, &init)?;
+            write_atomic(&initrd, &bytes)?;
+            eprintln!(
+                "optimus-tests: built guest initramfs {} ({} KiB)",
+                initrd.display(),
+                bytes.len() / 1024
+            );
+            remove_stale_initrds(&dir, &initrd);
+        }
+        Ok(GuestImage {
+            kernel: kernel_dir.join("vmlinuz"),
+            initrd,
+        })
+    }
+}
+
+/// What the guest's `/init` does; passed on the kernel command line (`optimus.*`
+/// parameters, which `/init` reads back from `/proc/cmdline`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GuestPlan {
+    /// vCPU indices that spin forever in a busy loop pinned to that CPU (busybox `taskset`),
+    /// e.g. `vec![0]`. Other vCPUs stay idle (halted).
+    pub busy_vcpus: Vec<u32>,
+    /// Block I/O on `/dev/vda` after boot, for the block I/O tests.
+    pub io: Option<IoPlan>,
+}
+
+/// Direct (`O_DIRECT`) block I/O on the guest's `/dev/vda`: write `write_mib` MiB with
+/// `dd oflag=direct bs=1M`, print [`IO_WRITE_DONE_MARKER`], sleep `pause_s` seconds, read
+/// `read_mib` MiB with `iflag=direct`, print [`IO_READ_DONE_MARKER`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IoPlan {
+    /// MiB written from the start of the disk.
+    pub write_mib: u32,
+    /// MiB read back from the start of the disk.
+    pub read_mib: u32,
+    /// Seconds between the write and the read.
+    pub pause_s: u32,
+}
+
+impl GuestPlan {
+    /// Kernel command line: serial console on ttyS0, reboot (which the harness turns into
+    /// power-off) on panic, and the plan as `optimus.busy=0,1 optimus.io=W,R,P`.
+    pub fn kernel_cmdline(&self) -> String {
+        let mut cmdline = String::from("console=ttyS0 panic=-1 quiet");
+        if !self.busy_vcpus.is_empty() {
+            let list: Vec<String> = self.busy_vcpus.iter().map(u32::to_string).collect();
+            let _ = write!(cmdline, " optimus.busy={}", list.join(","));
+        }
+        if let Some(io) = self.io {
+            let _ = write!(
+                cmdline,
+                " optimus.io={},{},{}",
+                io.write_mib, io.read_mib, io.pause_s
+            );
+        }
+        cmdline
+    }
+}
+
+fn init_script(modules: &BTreeMap<String, PathBuf>) -> String {
+    let load: Vec<&str> = MODULES
+        .iter()
+        .copied()
+        .filter(|m| modules.contains_key(*m))
+        .collect();
+    format!(
+        r#"#!/bin/sh
+# /init of the optimus-tests guest (tests/src/guest.rs): load the virtio modules, run the
+# plan from the optimus.* kernel parameters, then idle forever (PID 1 must not exit).
+export PATH=/bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+for m in {load}; do
+  insmod /lib/modules/$m.ko || echo "OPTIMUS-INSMOD-FAILED $m"
+done
+busy=""
+io=""
+for arg in $(cat /proc/cmdline); do
+  case "$arg" in
+    optimus.busy=*) busy="${{arg#optimus.busy=}}" ;;
+    optimus.io=*) io="${{arg#optimus.io=}}" ;;
+  esac
+done
+for c in $(echo "$busy" | tr , ' '); do
+  taskset -c "$c" sh -c 'while :; do :; done' &
+done
+echo "{READY_MARKER}"
+if [ -n "$io" ]; then
+  set -- $(echo "$io" | tr , ' ')
+  for i in $(seq 100); do [ -b /dev/vda ] && break; sleep 0.1; done
+  if dd if=/dev/zero of=/dev/vda bs=1M count="$1" oflag=direct; then
+    echo "{IO_WRITE_DONE_MARKER}"
+  else
+    echo "{IO_FAILED_MARKER} write"
+  fi
+  sleep "$3"
+  if dd if=/dev/vda of=/dev/null bs=1M count="$2" iflag=direct; then
+    echo "{IO_READ_DONE_MARKER}"
+  else
+    echo "{IO_FAILED_MARKER} read"
+  fi
+fi
+while :; do sleep 3600; done
+"#,
+        load = load.join(" ")
+    )
+}
+
+/// Exclusive `flock` on `path`, released when the returned file closes.
+fn lock(path: &Path) -> anyhow::Result<File> {
+    let file = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .with_context(|| format!("open {}", path.display()))?;
+    // SAFETY: flock(2) on a file descriptor we own for the duration of the call.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("lock {}", path.display()));
+    }
+    Ok(file)
+}
+
+/// `<dir>/kernel` with `vmlinuz`, `package` and `modules/<name>.ko` (decompressed),
+/// downloading and extracting the kernel package if it is not there yet.
+fn ensure_kernel(dir: &Path) -> anyhow::Result<PathBuf> {
+    let kernel_dir = dir.join("kernel");
+    if kernel_dir.join("vmlinuz").is_file() && kernel_dir.join("package").is_file() {
+        return Ok(kernel_dir);
+    }
+    require_tools(&[
+        ("apt-get", "apt"),
+        ("apt-cache", "apt"),
+        ("dpkg-deb", "dpkg"),
+    ])?;
+    let package = resolve_kernel_package()?;
+    let work = tempfile::Builder::new()
+        .prefix("kernel-build-")
+        .tempdir_in(dir)
+        .with_context(|| format!("create a temp dir in {}", dir.display()))?;
+    eprintln!("optimus-tests: downloading guest kernel {package} (apt-get download)");
+    run_ok(
+        Command::new("apt-get")
+            .args(["download", &package])
+            .current_dir(work.path()),
+        Duration::from_secs(600),
+    )
+    .with_context(|| format!("download {package}"))?;
+    let deb = find_file(work.path(), |name| name.ends_with(".deb"))?
+        .with_context(|| format!("apt-get download {package} left no .deb"))?;
+    let extracted = work.path().join("x");
+    eprintln!("optimus-tests: extracting {}", deb.display());
+    run_ok(
+        Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&extracted),
+        Duration::from_secs(300),
+    )?;
+
+    let staged = work.path().join("kernel");
+    let staged_modules = staged.join("modules");
+    std::fs::create_dir_all(&staged_modules)
+        .with_context(|| format!("create {}", staged_modules.display()))?;
+    let vmlinuz = find_file(&extracted.join("boot"), |n| n.starts_with("vmlinuz-"))?
+        .with_context(|| format!("{package} has no boot/vmlinuz-*"))?;
+    std::fs::copy(&vmlinuz, staged.join("vmlinuz"))
+        .with_context(|| format!("copy {}", vmlinuz.display()))?;
+    copy_modules(&extracted.join("lib/modules"), &staged_modules, &package)?;
+    std::fs::write(staged.join("package"), format!("{package}\n"))
+        .context("write package name")?;
+
+    if kernel_dir.exists() {
+        // A half-built leftover (no vmlinuz or package file): replace it.
+        std::fs::remove_dir_all(&kernel_dir)
+            .with_context(|| format!("remove {}", kernel_dir.display()))?;
+    }
+    std::fs::rename(&staged, &kernel_dir)
+        .with_context(|| format!("move kernel into {}", kernel_dir.display()))?;
+    eprintln!(
+        "optimus-tests: guest kernel ready in {}",
+        kernel_dir.display()
+    );
+    Ok(kernel_dir)
+}
+
+/// The concrete package `linux-image-cloud-amd64` depends on, e.g.
+/// `linux-image-6.1.0-56-cloud-amd64`; runs `apt-get update` once if apt knows nothing.
+fn resolve_kernel_package() -> anyhow::Result<String> {
+    const META: &str = "linux-image-cloud-amd64";
+    let depends = || {
+        run_ok(
+            Command::new("apt-cache").args(["depends", META]),
+            Duration::from_secs(60),
+        )
+        .ok()
+        .and_then(|out| parse_depends(&out))
+    };
+    if let Some(package) = depends() {
+        return Ok(package);
+    }
+    eprintln!("optimus-tests: apt knows no {META}; running apt-get update");
+    run_ok(
+        Command::new("apt-get").args(["update"]),
+        Duration::from_secs(600),
+    )
+    .context("apt-get update")?;
+    depends().with_context(|| {
+        format!("apt-cache depends {META} names no linux-image-* package, even after apt-get update")
+    })
+}
+
+fn parse_depends(out: &str) -> Option<String> {
+    out.lines()
+        .filter_map(|l| l.trim().trim_start_matches('|').strip_prefix("Depends:"))
+        .map(str::trim)
+        .find(|p| p.starts_with("linux-image-") && !p.starts_with('<'))
+        .map(str::to_owned)
+}
+
+/// Copies [`MODULES`] out of an extracted `lib/modules`, decompressing `.ko.xz`/`.ko.zst`/
+/// `.ko.gz` (busybox insmod loads only plain `.ko`). Modules the kernel has built in are
+/// skipped; any other missing one is an error.
+fn copy_modules(lib_modules: &Path, dest: &Path, package: &str) -> anyhow::Result<()> {
+    let mut found: BTreeMap<String, PathBuf> = BTreeMap::new();
+    let mut builtin = String::new();
+    walk(lib_modules, &mut |path| {
+        let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+            return;
+        };
+        if name == "modules.builtin" {
+            builtin.push_str(&std::fs::read_to_string(path).unwrap_or_default());
+        }
+        for ext in [".ko", ".ko.xz", ".ko.zst", ".ko.gz"] {
+            if let Some(stem) = name.strip_suffix(ext) {
+                if MODULES.contains(&stem) {
+                    found.insert(stem.to_owned(), path.to_path_buf());
+                }
+            }
+        }
+    })?;
+    for module in MODULES {
+        let Some(src) = found.get(module) else {
+            if builtin
+                .lines()
+                .any(|l| l.ends_with(&format!("/{module}.ko")))
+            {
+                continue;
+            }
+            bail!("{package} has neither a {module}.ko module nor {module} built in");
+        };
+        let out = dest.join(format!("{module}.ko"));
+        let name = src.to_string_lossy();
+        let decompressor = if name.ends_with(".xz") {
+            Some(("xz", "xz-utils"))
+        } else if name.ends_with(".zst") {
+            Some(("zstd", "zstd"))
+        } else if name.ends_with(".gz") {
+            Some(("gzip", "gzip"))
+        } else {
+            None
+        };
+        match decompressor {
+            None => {
+                std::fs::copy(src, &out).with_context(|| format!("copy {}", src.display()))?;
+            }
+            Some((tool, package)) => {
+                require_tools(&[(tool, package)])?;
+                let file =
+                    File::create(&out).with_context(|| format!("create {}", out.display()))?;
+                let status = Command::new(tool)
+                    .arg("-dc")
+                    .arg(src)
+                    .stdout(file)
+                    .status()
+                    .with_context(|| format!("run {tool} -dc {}", src.display()))?;
+                if !status.success() {
+                    bail!("{tool} -dc {} failed: {status}", src.display());
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn walk(dir: &Path, visit: &mut dyn FnMut(&Path)) -> anyhow::Result<()> {
+    for entry in std::fs::read_dir(dir).with_context(|| format!("read {}", dir.display()))? {
+        let entry = entry.with_context(|| format!("read {}", dir.display()))?;
+        let path = entry.path();
+        let kind = entry
+            .file_type()
+            .with_context(|| format!("stat {}", path.display()))?;
+        if kind.is_dir() {
+            walk(&path, visit)?;
+        } else {
+            visit(&path);
+        }
+    }
+    Ok(())
+}
+
+fn find_file(dir: &Path, pred: impl Fn(&str) -> bool) -> anyhow::Result<Option<PathBuf>> {
+    for entry in std::fs::read_dir(dir).with_context(|| format!("read {}", dir.display()))? {
+        let entry = entry.with_context(|| format!("read {}", dir.display()))?;
+        if entry.file_name().to_str().is_some_and(&pred) {
+            return Ok(Some(entry.path()));
+        }
+    }
+    Ok(None)
+}
+
+/// `<name> -> <dir>/<name>.ko` for the cached modules.
+fn list_modules(dir: &Path) -> anyhow::Result<BTreeMap<String, PathBuf>> {
+    let mut modules = BTreeMap::new();
+    for module in MODULES {
+        let path = dir.join(format!("{module}.ko"));
+        if path.is_file() {
+            modules.insert(module.to_owned(), path);
+        }
+    }
+    Ok(modules)
+}
+
+/// The host's statically linked busybox (package busybox-static); a dynamic one cannot
+/// run in an initramfs without its libraries.
+fn static_busybox() -> anyhow::Result<PathBuf> {
+    let hint = "the guest initramfs needs a static busybox: apt-get install busybox-static";
+    let path = ["/bin/busybox", "/usr/bin/busybox"]
+        .map(PathBuf::from)
+        .into_iter()
+        .find(|p| p.is_file())
+        .or_else(|| find_tool("busybox"))
+        .with_context(|| format!("no busybox found; {hint}"))?;
+    let bytes = std::fs::read(&path).with_context(|| format!("read {}", path.display()))?;
+    match elf_has_interpreter(&bytes) {
+        Some(false) => Ok(path),
+        Some(true) => bail!("{} is dynamically linked; {hint}", path.display()),
+        None => bail!("{} is not a 64-bit ELF executable; {hint}", path.display()),
+    }
+}
+
+/// Whether a 64-bit little-endian ELF has a `PT_INTERP` program header (i.e. is
+/// dynamically linked); `None` if it is not such an ELF.
+fn elf_has_interpreter(elf: &[u8]) -> Option<bool> {
+    const PT_INTERP: u32 = 3;
+    if elf.get(..6)? != b"\x7fELF\x02\x01" {
+        return None;
+    }
+    let u16_at = |o: usize| Some(u16::from_le_bytes(elf.get(o..o + 2)?.try_into().ok()?));
+    let u32_at = |o: usize| Some(u32::from_le_bytes(elf.get(o..o + 4)?.try_into().ok()?));
+    let u64_at = |o: usize| Some(u64::from_le_bytes(elf.get(o..o + 8)?.try_into().ok()?));
+    let phoff = usize::try_from(u64_at(0x20)?).ok()?;
+    let phentsize = usize::from(u16_at(0x36)?);
+    let phnum = usize::from(u16_at(0x38)?);
+    for i in 0..phnum {
+        if u32_at(phoff + i * phentsize)? == PT_INTERP {
+            return Some(true);
+        }
+    }
+    Some(false)
+}
+
+/// Size and mtime: enough to notice that a cached input changed.
+fn file_fingerprint(path: &Path) -> anyhow::Result<(u64, i64)> {
+    let meta = std::fs::metadata(path).with_context(|| format!("stat {}", path.display()))?;
+    Ok((meta.len(), meta.mtime()))
+}
+
+fn build_initramfs(
+    busybox: &Path,
+    modules: &BTreeMap<String, PathBuf>,
+    init: &str,
+) -> anyhow::Result<Vec<u8>> {
+    let mut cpio = Newc::default();
+    for dir in ["bin", "dev", "proc", "sys", "lib", "lib/modules", "tmp"] {
+        cpio.dir(dir, 0o755)?;
+    }
+    // The kernel opens /dev/console for init's stdio before init mounts devtmpfs.
+    cpio.char_dev("dev/console", 0o600, 5, 1)?;
+    let busybox_bytes =
+        std::fs::read(busybox).with_context(|| format!("read {}", busybox.display()))?;
+    cpio.file("bin/busybox", 0o755, &busybox_bytes)?;
+    for applet in APPLETS {
+        cpio.symlink(&format!("bin/{applet}"), "busybox")?;
+    }
+    for (name, path) in modules {
+        let bytes = std::fs::read(path).with_context(|| format!("read {}", path.display()))?;
+        cpio.file(&format!("lib/modules/{name}.ko"), 0o644, &bytes)?;
+    }
+    cpio.file("init", 0o755, init.as_bytes())?;
+    Ok(cpio.finish())
+}
+
+/// Writer of the SVR4 "newc" cpio format the kernel unpacks as initramfs: per entry a
+/// 110-byte ASCII header (`070701` and 13 eight-digit hex fields), the NUL-terminated name
+/// padded to 4 bytes, the data padded to 4 bytes; a `TRAILER!!!` entry ends it.
+#[derive(Default)]
+struct Newc {
+    out: Vec<u8>,
+    next_ino: u32,
+}
+
+impl Newc {
+    fn dir(&mut self, name: &str, perm: u32) -> anyhow::Result<()> {
+        self.entry(name, libc::S_IFDIR | perm, 2, (0, 0), &[])
+    }
+
+    fn file(&mut self, name: &str, perm: u32, data: &[u8]) -> anyhow::Result<()> {
+        self.entry(name, libc::S_IFREG | perm, 1, (0, 0), data)
+    }
+
+    fn symlink(&mut self, name: &str, target: &str) -> anyhow::Result<()> {
+        self.entry(name, libc::S_IFLNK | 0o777, 1, (0, 0), target.as_bytes())
+    }
+
+    fn char_dev(&mut self, name: &str, perm: u32, major: u32, minor: u32) -> anyhow::Result<()> {
+        self.entry(name, libc::S_IFCHR | perm, 1, (major, minor), &[])
+    }
+
+    fn entry(
+        &mut self,
+        name: &str,
+        mode: u32,
+        nlink: u32,
+        rdev: (u32, u32),
+        data: &[u8],
+    ) -> anyhow::Result<()> {
+        self.next_ino += 1;
+        let size = u32::try_from(data.len())
+            .with_context(|| format!("cpio entry {name} is over 4 GiB"))?;
+        let namesize = u32::try_from(name.len() + 1)
+            .with_context(|| format!("cpio entry name {name} too long"))?;
+        let fields = [
+            self.next_ino,
+            mode,
+            0, // uid
+            0, // gid
+            nlink,
+            0, // mtime: fixed, so the image is reproducible
+            size,
+            0, // devmajor
+            0, // devminor
+            rdev.0,
+            rdev.1,
+            namesize,
+            0, // check
+        ];
+        let mut header = String::with_capacity(110);
+        header.push_str("070701");
+        for field in fields {
+            let _ = write!(header, "{field:08x}");
+        }
+        self.out.extend_from_slice(header.as_bytes());
+        self.out.extend_from_slice(name.as_bytes());
+        self.out.push(0);
+        self.pad();
+        self.out.extend_from_slice(data);
+        self.pad();
+        Ok(())
+    }
+
+    fn pad(&mut self) {
+        while self.out.len() % 4 != 0 {
+            self.out.push(0);
+        }
+    }
+
+    fn finish(mut self) -> Vec<u8> {
+        self.next_ino = 0;
+        // Cannot fail: empty data and a short name.
+        let _ = self.entry("TRAILER!!!", 0, 1, (0, 0), &[]);
+        self.out
+    }
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes).with_context(|| format!("write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("rename to {}", path.display()))
+}
+
+fn remove_stale_initrds(dir: &Path, keep: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let is_initrd = entry
+            .file_name()
+            .to_str()
+            .is_some_and(|n| n.starts_with("initrd-") && n.ends_with(".cpio"));
+        if is_initrd && path != keep {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cmdline() {
+        assert_eq!(
+            GuestPlan::default().kernel_cmdline(),
+            "console=ttyS0 panic=-1 quiet"
+        );
+        let plan = GuestPlan {
+            busy_vcpus: vec![0, 2],
+            io: Some(IoPlan {
+                write_mib: 8,
+                read_mib: 4,
+                pause_s: 1,
+            }),
+        };
+        assert_eq!(
+            plan.kernel_cmdline(),
+            "console=ttyS0 panic=-1 quiet optimus.busy=0,2 optimus.io=8,4,1"
+        );
+    }
+
+    #[test]
+    fn depends() {
+        let out = "linux-image-cloud-amd64\n  Depends: linux-image-6.1.0-56-cloud-amd64\n";
+        assert_eq!(
+            parse_depends(out).as_deref(),
+            Some("linux-image-6.1.0-56-cloud-amd64")
+        );
+        assert_eq!(parse_depends("E: No packages found"), None);
+    }
+
+    #[test]
+    fn newc_layout() {
+        let mut cpio = Newc::default();
+        cpio.dir("bin", 0o755).unwrap();
+        cpio.file("init", 0o755, b"#!/bin/sh\n").unwrap();
+        cpio.symlink("bin/sh", "busybox").unwrap();
+        let out = cpio.finish();
+        assert_eq!(out.len() % 4, 0);
+        assert_eq!(&out[..6], b"070701");
+        // First header: ino 1, mode dir|0755, namesize 4 ("bin\0").
+        assert_eq!(&out[6..14], b"00000001");
+        assert_eq!(&out[14..22], b"000041ed");
+        assert_eq!(&out[94..102], b"00000004");
+        assert_eq!(&out[110..114], b"bin\0");
+        let text = String::from_utf8_lossy(&out);
+        assert!(text.contains("init\0"));
+        assert!(text.contains("#!/bin/sh\n"));
+        assert!(text.ends_with("TRAILER!!!\0\0\0\0") || text.contains("TRAILER!!!\0"));
+    }
+
+    /// The host's cpio (if installed) reads back what we wrote.
+    #[test]
+    fn newc_roundtrip_with_cpio() {
+        if find_tool("cpio").is_none() {
+            eprintln!("SKIPPED newc_roundtrip_with_cpio: no cpio on this host");
+            return;
+        }
+        let mut cpio = Newc::default();
+        cpio.dir("bin", 0o755).unwrap();
+        cpio.file("bin/hello", 0o644, b"hello world").unwrap();
+        cpio.symlink("bin/sh", "hello").unwrap();
+        let out = crate::proc::run(
+            Command::new("cpio").args(["-t", "-v"]),
+            Some(&cpio.finish()),
+            Duration::from_secs(10),
+        )
+        .unwrap();
+        let listing = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{:?}", out);
+        assert!(listing.contains("bin/hello"), "{listing}");
+        assert!(listing.contains("bin/sh -> hello"), "{listing}");
+    }
+
+    #[test]
+    fn elf_interp() {
+        assert_eq!(elf_has_interpreter(b"not an elf"), None);
+        let sh = std::fs::read("/bin/sh").unwrap();
+        assert_eq!(elf_has_interpreter(&sh), Some(true));
+    }
+
+    #[test]
+    fn init_mentions_markers_and_modules() {
+        let modules: BTreeMap<String, PathBuf> = MODULES
+            .iter()
+            .map(|m| ((*m).to_owned(), PathBuf::from(format!("/x/{m}.ko"))))
+            .collect();
+        let init = init_script(&modules);
+        assert!(init.contains(READY_MARKER));
+        assert!(init.contains(
+            "for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk; do"
+        ));
+        assert!(init.contains("${arg#optimus.busy=}"));
+    }
+}

@@ -1,0 +1,174 @@
+//! `build`, `run`, `test` and `lint`: cargo commands run with the environment setup chose.
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::process::{ExitCode, ExitStatus};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use anyhow::{bail, Context as _, Result};
+
+use crate::cmd::Cmd;
+use crate::demo::{self, While};
+use crate::setup::{self, Purpose, Ready};
+use crate::signals;
+
+const AGENT_PACKAGE: &str = "optimus-user";
+const AGENT_BIN: &str = "optimus";
+const TESTS_PACKAGE: &str = "optimus-tests";
+
+fn banner(step: &str, what: &str, cmd: &Cmd) {
+    println!("\n==> [{step}] {what}\n    $ {}", cmd.shown());
+}
+
+fn build_agent(ready: &Ready, release: bool) -> Result<PathBuf> {
+    let mut args = vec!["build", "--package", AGENT_PACKAGE];
+    if release {
+        args.push("--release");
+    }
+    let profile = if release { "release" } else { "debug" };
+    let cmd = ready.cargo(args);
+    banner(
+        "build",
+        &format!("agent and eBPF programs ({profile})"),
+        &cmd,
+    );
+    cmd.run().context("building the agent")?;
+    let bin = ready.ws.bin(profile, AGENT_BIN);
+    if !bin.is_file() {
+        bail!("the build succeeded but {} is missing", bin.display());
+    }
+    Ok(bin)
+}
+
+/// `cargo xtask build [--release]`.
+pub fn build(release: bool) -> Result<()> {
+    let ready = setup::ensure(Purpose::Build)?;
+    let bin = build_agent(&ready, release)?;
+    println!("built {}", bin.display());
+    Ok(())
+}
+
+/// `cargo xtask run [--demo-vm] [-- ARGS]`: the release agent in the foreground.
+pub fn run(demo_vm: bool, args: &[OsString]) -> Result<ExitCode> {
+    let purpose = if demo_vm { Purpose::Demo } else { Purpose::Run };
+    let ready = setup::ensure(purpose)?;
+    let bin = build_agent(&ready, true)?;
+    let agent = || {
+        let cmd = ready.tool(&bin).arg("run").args(args);
+        println!(
+            "\n==> [run] the agent (Ctrl-C stops it)\n    $ {}",
+            cmd.shown()
+        );
+        cmd
+    };
+    if !demo_vm {
+        // Replacing xtask leaves the terminal's signals to the agent alone.
+        return Err(agent().exec()).context("starting the agent");
+    }
+    let blocked = signals::block()?;
+    let mut code = ExitCode::FAILURE;
+    demo::with_demo_vm(
+        demo::DEFAULT_NAME,
+        While::Running(&mut || {
+            let status = run_forwarding(agent(), blocked)?;
+            println!("agent exited ({status})");
+            code = exit_code(status);
+            Ok(())
+        }),
+    )?;
+    Ok(code)
+}
+
+/// Runs `cmd` while xtask holds the termination signals blocked, passing to the child those
+/// it did not get itself: the terminal's Ctrl-C already reaches the whole process group.
+fn run_forwarding(cmd: Cmd, blocked: signals::Blocked) -> Result<ExitStatus> {
+    let (shown, mut child) = cmd.spawn()?;
+    let pid = child.id();
+    let done = Arc::new(AtomicBool::new(false));
+    let done_in_thread = Arc::clone(&done);
+    // Never joined: it sits in sigwaitinfo until the process exits.
+    std::thread::spawn(move || {
+        while let Ok(caught) = blocked.wait() {
+            if done_in_thread.load(Ordering::SeqCst) {
+                break;
+            }
+            if caught.signal != libc::SIGINT || caught.from_kill {
+                let _ = signals::send(pid, caught.signal);
+            }
+        }
+    });
+    let status = child
+        .wait()
+        .with_context(|| format!("waiting for `{shown}`"))?;
+    done.store(true, Ordering::SeqCst);
+    Ok(status)
+}
+
+/// The child's exit code, or 128 + signal as a shell reports it.
+fn exit_code(status: ExitStatus) -> ExitCode {
+    use std::os::unix::process::ExitStatusExt as _;
+    let code = status
+        .code()
+        .or_else(|| status.signal().map(|s| 128 + s))
+        .unwrap_or(1);
+    ExitCode::from(u8::try_from(code).unwrap_or(1))
+}
+
+/// `cargo xtask test [-- TEST ARGS]`: debug build, unit tests in parallel, then the
+/// integration tests one at a time (they share libvirtd, tracefs and the CPUs).
+pub fn test(test_args: &[OsString]) -> Result<ExitCode> {
+    let ready = setup::ensure(Purpose::Test)?;
+    let bin = build_agent(&ready, false)?;
+    // Absolute already: cargo metadata's target_directory is.
+
+    let unit = ready
+        .cargo(["test", "--workspace", "--exclude", TESTS_PACKAGE])
+        .args(["--exclude", "optimus-ebpf"])
+        .env("OPTIMUS_BIN", &bin)
+        .arg("--")
+        .args(test_args);
+    banner("unit", "unit tests of every crate, in parallel", &unit);
+    let unit = unit.status()?;
+
+    let integration = ready
+        .cargo(["test", "--package", TESTS_PACKAGE])
+        .env("OPTIMUS_BIN", &bin)
+        .args(["--", "--test-threads=1"])
+        .args(test_args);
+    banner(
+        "integration",
+        "real-component tests (root, kernel, QEMU), one at a time",
+        &integration,
+    );
+    let integration = integration.status()?;
+
+    summarize(&[("unit tests", unit), ("integration tests", integration)])
+}
+
+/// `cargo xtask lint`: rustfmt and clippy as CI runs them (full build, eBPF included).
+pub fn lint() -> Result<ExitCode> {
+    let ready = setup::ensure(Purpose::Lint)?;
+    let fmt = ready.cargo(["fmt", "--all", "--", "--check"]);
+    banner("fmt", "formatting", &fmt);
+    let fmt = fmt.status()?;
+    let clippy = ready.cargo(["clippy", "--all-targets", "--", "-D", "warnings"]);
+    banner("clippy", "lints, warnings denied", &clippy);
+    let clippy = clippy.status()?;
+    summarize(&[("cargo fmt --check", fmt), ("cargo clippy", clippy)])
+}
+
+/// One line per phase; failure if any phase failed.
+fn summarize(phases: &[(&str, (String, ExitStatus))]) -> Result<ExitCode> {
+    println!("\n==> summary");
+    let mut failed = false;
+    for (name, (_, status)) in phases {
+        let verdict = if status.success() { "ok" } else { "FAILED" };
+        failed |= !status.success();
+        println!("    {name}: {verdict} ({status})");
+    }
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
