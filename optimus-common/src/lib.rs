@@ -61,7 +61,8 @@ pub struct BlockIoKey {
     pub cgroup_id: u64,
     /// One of the `BLOCK_DIR_*` values.
     pub direction: u32,
-    pub _pad: u32,
+    /// `1` when the submitter is a kernel thread (`PF_KTHREAD`): writeback, journal.
+    pub kthread: u32,
 }
 const _: () = assert!(size_of::<BlockIoKey>() == 24);
 

@@ -10,7 +10,8 @@
 
 use aya_ebpf::{
     helpers::{
-        bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_ktime_get_ns,
+        bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_current_task,
+        bpf_ktime_get_ns,
         bpf_probe_read_kernel,
     },
     macros::{map, raw_tracepoint, tracepoint},
@@ -31,6 +32,11 @@ static TRACK_ALL: u32 = 0;
 /// Byte offset of `pid` (the thread id) in `struct task_struct`, from the kernel's BTF.
 #[no_mangle]
 static TASK_PID_OFFSET: u64 = 0;
+/// Byte offset of `flags` in `struct task_struct`, from the kernel's BTF.
+#[no_mangle]
+static TASK_FLAGS_OFFSET: u64 = 0;
+/// `PF_KTHREAD` from include/linux/sched.h.
+const PF_KTHREAD: u32 = 0x0020_0000;
 /// Byte offsets of the `block_io_start` tracepoint record fields, from its format file.
 #[no_mangle]
 static BIO_DEV_OFFSET: u64 = 8;
@@ -188,7 +194,7 @@ fn try_block_io(ctx: &TracePointContext) {
         dev,
         cgroup_id,
         direction: direction(&rwbs),
-        _pad: 0,
+        kthread: u32::from(current_is_kthread()),
     };
     if let Some(v) = BLOCK_IO.get_ptr_mut(&key) {
         // SAFETY: this CPU's value of a per-CPU map entry; nobody else writes it now.
@@ -208,6 +214,23 @@ fn try_block_io(ctx: &TracePointContext) {
             }
         }
     }
+}
+
+/// Whether the current task is a kernel thread: its I/O (writeback, journal) belongs to no
+/// process, and userspace must not guess one after the fact.
+#[inline(always)]
+fn current_is_kthread() -> bool {
+    let off = read_global(&TASK_FLAGS_OFFSET);
+    if off == 0 {
+        return false;
+    }
+    // SAFETY: bpf_get_current_task has no preconditions; bpf_probe_read_kernel checks the
+    // address it is given.
+    let flags: Result<u32, _> = unsafe {
+        let task = bpf_get_current_task() as *const u8;
+        bpf_probe_read_kernel(task.wrapping_add(off).cast())
+    };
+    flags.is_ok_and(|f| f & PF_KTHREAD != 0)
 }
 
 #[inline(always)]

@@ -216,7 +216,9 @@ pub(crate) fn package_energy_uj(
 ) -> BTreeMap<u32, u64> {
     let mut joules: BTreeMap<u32, f64> = BTreeMap::new();
     for (cpu, times) in now {
-        let Some(before) = prev.get(cpu) else { continue };
+        let Some(before) = prev.get(cpu) else {
+            continue;
+        };
         let power = watts.min_w + (watts.max_w - watts.min_w) * utilisation(*before, *times);
         let package = cpu_package.get(cpu).copied().unwrap_or(0);
         *joules.entry(package).or_default() += power * seconds;
@@ -250,7 +252,8 @@ impl Estimator {
         now: Instant,
     ) -> (Option<Estimator>, MeterStatus) {
         let stat_path = proc_root.join("stat");
-        let status = |state, detail: String| MeterStatus::new(MeterSource::Estimated, state, detail);
+        let status =
+            |state, detail: String| MeterStatus::new(MeterSource::Estimated, state, detail);
         let stat = match read_text(read, &stat_path) {
             Ok(text) => parse_proc_stat(&text),
             Err(err) => {
@@ -267,7 +270,10 @@ impl Estimator {
                 let family = read_text(read, &proc_root.join("cpuinfo"))
                     .map(|text| CpuFamily::detect(&text))
                     .unwrap_or(CpuFamily::Unknown);
-                (family.ccf_watts(), format!("Cloud Carbon Footprint, CPU family {}", family.label()))
+                (
+                    family.ccf_watts(),
+                    format!("Cloud Carbon Footprint, CPU family {}", family.label()),
+                )
             }
         };
         let detail = format!(
@@ -311,7 +317,13 @@ impl Estimator {
         let deltas = match (&stat, &self.prev) {
             (Some(stat), Some((then, prev))) => {
                 let seconds = now.saturating_duration_since(*then).as_secs_f64();
-                Some(package_energy_uj(prev, stat, &self.cpu_package, self.watts, seconds))
+                Some(package_energy_uj(
+                    prev,
+                    stat,
+                    &self.cpu_package,
+                    self.watts,
+                    seconds,
+                ))
             }
             _ => None,
         };
@@ -320,13 +332,19 @@ impl Estimator {
         self.packages
             .iter()
             .map(|&package| {
-                let delta = deltas.as_ref().map(|d| d.get(&package).copied().unwrap_or(0));
+                let delta = deltas
+                    .as_ref()
+                    .map(|d| d.get(&package).copied().unwrap_or(0));
                 let total = self.totals.entry(package).or_insert(0);
                 if let Some(d) = delta {
                     *total = total.saturating_add(d);
                 }
                 ZoneReading {
-                    key: ZoneKey::new(Zone::Package, format!("package-{package}"), MeterSource::Estimated),
+                    key: ZoneKey::new(
+                        Zone::Package,
+                        format!("package-{package}"),
+                        MeterSource::Estimated,
+                    ),
                     total_uj: available.then_some(*total),
                     delta_uj: delta,
                     wraps: 0,
@@ -337,7 +355,11 @@ impl Estimator {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::expect_used)]
+#[allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a test's panic is its failure report"
+)]
 mod tests {
     use super::*;
     use std::fs;
@@ -385,13 +407,28 @@ ctxt 78901
     fn proc_stat_parsing() {
         let t1 = parse_proc_stat(STAT_T1);
         assert_eq!(t1.len(), 4, "the aggregate line is skipped");
-        assert_eq!(t1[&0], CpuTimes { busy: 2500, total: 11000 });
-        assert_eq!(t1[&3], CpuTimes { busy: 2000, total: 11000 });
+        assert_eq!(
+            t1[&0],
+            CpuTimes {
+                busy: 2500,
+                total: 11000
+            }
+        );
+        assert_eq!(
+            t1[&3],
+            CpuTimes {
+                busy: 2000,
+                total: 11000
+            }
+        );
     }
 
     #[test]
     fn estimate_arithmetic_matches_hand_computation() {
-        let watts = CpuWatts { min_w: 1.0, max_w: 3.0 };
+        let watts = CpuWatts {
+            min_w: 1.0,
+            max_w: 3.0,
+        };
         let cpu_package = BTreeMap::from([(0, 0), (1, 0), (2, 1), (3, 1)]);
         let e = package_energy_uj(
             &parse_proc_stat(STAT_T0),
@@ -425,13 +462,19 @@ ctxt 78901
         fs::create_dir_all(&proc_root).unwrap();
         fs::write(proc_root.join("stat"), STAT_T0).unwrap();
         let cfg = EstimateConfig {
-            watts: Some(CpuWatts { min_w: 1.0, max_w: 3.0 }),
+            watts: Some(CpuWatts {
+                min_w: 1.0,
+                max_w: 3.0,
+            }),
         };
         let t0 = Instant::now();
         let (est, status) = Estimator::open(&proc_root, &tmp.path().join("sys"), &cfg, fs_read, t0);
         let mut est = est.unwrap();
         assert_eq!(status.state, MeterState::Active);
-        assert!(status.detail.contains("4 logical CPUs in 2 package(s)"), "{status}");
+        assert!(
+            status.detail.contains("4 logical CPUs in 2 package(s)"),
+            "{status}"
+        );
 
         fs::write(proc_root.join("stat"), STAT_T1).unwrap();
         let r = est.sample(t0 + Duration::from_secs(10));
@@ -457,7 +500,9 @@ ctxt 78901
         // /proc/stat unreadable: unavailable, not 0 W; the total is kept.
         fs::remove_file(proc_root.join("stat")).unwrap();
         let r = est.sample(t0 + Duration::from_secs(20));
-        assert!(r.iter().all(|z| z.total_uj.is_none() && z.delta_uj.is_none()));
+        assert!(r
+            .iter()
+            .all(|z| z.total_uj.is_none() && z.delta_uj.is_none()));
     }
 
     #[test]
@@ -468,12 +513,30 @@ ctxt 78901
                  model name\t: whatever\nstepping\t: {stepping}\n\nprocessor\t: 1\n"
             )
         };
-        assert_eq!(CpuFamily::detect(&info("GenuineIntel", 6, 85, 7)), CpuFamily::CascadeLake);
-        assert_eq!(CpuFamily::detect(&info("GenuineIntel", 6, 85, 4)), CpuFamily::Skylake);
-        assert_eq!(CpuFamily::detect(&info("GenuineIntel", 6, 79, 1)), CpuFamily::Broadwell);
-        assert_eq!(CpuFamily::detect(&info("AuthenticAMD", 23, 49, 0)), CpuFamily::EpycGen2);
-        assert_eq!(CpuFamily::detect(&info("AuthenticAMD", 25, 1, 1)), CpuFamily::EpycGen3);
-        assert_eq!(CpuFamily::detect(&info("GenuineIntel", 6, 143, 8)), CpuFamily::Unknown);
+        assert_eq!(
+            CpuFamily::detect(&info("GenuineIntel", 6, 85, 7)),
+            CpuFamily::CascadeLake
+        );
+        assert_eq!(
+            CpuFamily::detect(&info("GenuineIntel", 6, 85, 4)),
+            CpuFamily::Skylake
+        );
+        assert_eq!(
+            CpuFamily::detect(&info("GenuineIntel", 6, 79, 1)),
+            CpuFamily::Broadwell
+        );
+        assert_eq!(
+            CpuFamily::detect(&info("AuthenticAMD", 23, 49, 0)),
+            CpuFamily::EpycGen2
+        );
+        assert_eq!(
+            CpuFamily::detect(&info("AuthenticAMD", 25, 1, 1)),
+            CpuFamily::EpycGen3
+        );
+        assert_eq!(
+            CpuFamily::detect(&info("GenuineIntel", 6, 143, 8)),
+            CpuFamily::Unknown
+        );
         assert_eq!(CpuFamily::detect(""), CpuFamily::Unknown);
         let unknown = CpuFamily::Unknown.ccf_watts();
         assert_eq!((unknown.min_w, unknown.max_w), (0.74, 3.5));

@@ -3,15 +3,15 @@
 //! One module per meter, each opened once and then sampled once per interval by the sampler
 //! (never by a scrape):
 //!
-//! - [`perf`]: RAPL through the perf `power` PMU (`/sys/bus/event_source/devices/power`), read
+//! - `perf`: RAPL through the perf `power` PMU (`/sys/bus/event_source/devices/power`), read
 //!   with `perf_event_open`. Preferred when present: its counters are 64-bit, accumulated by the
 //!   kernel, so they do not wrap in practice. Cross-checked once against powercap at start.
-//! - [`powercap`]: RAPL through powercap sysfs (`/sys/class/powercap/{intel,amd}-rapl:*`),
+//! - `powercap`: RAPL through powercap sysfs (`/sys/class/powercap/{intel,amd}-rapl:*`),
 //!   32-bit counters that wrap every few minutes to hours; wraps are corrected with
 //!   `max_energy_range_uj` and counted, never dropped.
-//! - [`nvml`]: NVIDIA GPUs through NVML (`libnvidia-ml.so.1`), energy counter or integrated
+//! - `nvml`: NVIDIA GPUs through NVML (`libnvidia-ml.so.1`), energy counter or integrated
 //!   power, plus the processes using each GPU and vGPU instances where the driver has them.
-//! - [`estimate`]: a power model from per-CPU busy time in `/proc/stat`, used only when no
+//! - `estimate`: a power model from per-CPU busy time in `/proc/stat`, used only when no
 //!   RAPL meter is readable, so that a host without counters still gets numbers, marked
 //!   `estimated`.
 //!
@@ -183,7 +183,7 @@ pub struct GpuVgpu {
 }
 
 /// Everything the meters measured in one interval.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct EnergySample {
     /// One reading per known zone, unavailable ones included.
     pub zones: Vec<ZoneReading>,
@@ -290,7 +290,13 @@ impl MeterStatus {
 
 impl fmt::Display for MeterStatus {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}: {}", self.source, self.state.label(), self.detail)
+        write!(
+            f,
+            "{}: {}: {}",
+            self.source,
+            self.state.label(),
+            self.detail
+        )
     }
 }
 
@@ -507,13 +513,15 @@ impl EnergyMeters {
     }
 
     pub(crate) fn open_with(cfg: &EnergyConfig, now: Instant, read: ReadFn) -> EnergyMeters {
-        let (mut powercap, mut powercap_status) = powercap::PowercapMeter::open(&cfg.powercap_root, read);
+        let (mut powercap, mut powercap_status) =
+            powercap::PowercapMeter::open(&cfg.powercap_root, read);
         let (perf, perf_status) = perf::PerfMeter::open(&cfg.perf_root, &cfg.sys_root, read);
 
         let mut shadow = None;
         if let (Some(perf), Some(pc)) = (&perf, powercap.as_mut()) {
             let covered = perf.covered();
-            let mut covered_by_perf = pc.split_off(|k| covered.contains(&(k.zone, k.device.clone())));
+            let mut covered_by_perf =
+                pc.split_off(|k| covered.contains(&(k.zone, k.device.clone())));
             covered_by_perf.retain(|k| k.zone == Zone::Package);
             if covered_by_perf.readable_zones() > 0 {
                 shadow = Some(covered_by_perf);
@@ -640,7 +648,9 @@ impl EnergyMeters {
 fn cross_check(perf: &[ZoneReading], powercap: &[ZoneReading]) -> Vec<String> {
     let mut notes = Vec::new();
     for reference in powercap {
-        let Some(b) = reference.delta_uj else { continue };
+        let Some(b) = reference.delta_uj else {
+            continue;
+        };
         let Some(a) = perf
             .iter()
             .find(|r| {
@@ -676,7 +686,11 @@ fn cross_check(perf: &[ZoneReading], powercap: &[ZoneReading]) -> Vec<String> {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::expect_used)]
+#[allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a test's panic is its failure report"
+)]
 mod tests {
     use super::*;
 
@@ -740,11 +754,164 @@ mod tests {
     }
 
     #[test]
+    fn meters_can_move_to_the_sampler_thread() {
+        fn assert_send<T: Send>() {}
+        assert_send::<EnergyMeters>();
+        assert_send::<EnergySample>();
+    }
+
+    #[test]
     fn labels() {
         assert_eq!(Zone::Package.label(), "package");
         assert_eq!(Zone::Gpu.to_string(), "gpu");
         assert_eq!(MeterSource::RaplPowercap.label(), "rapl-powercap");
         assert_eq!(MeterSource::Estimated.to_string(), "estimated");
+    }
+
+    fn copy_dir(from: &Path, to: &Path) {
+        std::fs::create_dir_all(to).unwrap();
+        for entry in std::fs::read_dir(from).unwrap() {
+            let entry = entry.unwrap();
+            let target = to.join(entry.file_name());
+            if entry.file_type().unwrap().is_dir() {
+                copy_dir(&entry.path(), &target);
+            } else {
+                std::fs::copy(entry.path(), target).unwrap();
+            }
+        }
+    }
+
+    /// A fixture host: `<tmp>/sys`, `<tmp>/proc` with two CPUs on one package, optionally the
+    /// two-socket powercap tree.
+    fn host(with_powercap: bool) -> (tempfile::TempDir, EnergyConfig) {
+        let tmp = tempfile::tempdir().unwrap();
+        let (sys, proc) = (tmp.path().join("sys"), tmp.path().join("proc"));
+        std::fs::create_dir_all(&sys).unwrap();
+        std::fs::create_dir_all(&proc).unwrap();
+        std::fs::write(
+            proc.join("stat"),
+            "cpu0 100 0 0 900 0 0 0 0 0 0\ncpu1 100 0 0 900 0 0 0 0 0 0\n",
+        )
+        .unwrap();
+        if with_powercap {
+            let fixture = Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../tests/fixtures/powercap/two-packages");
+            copy_dir(&fixture, &sys.join("class/powercap"));
+        }
+        let mut cfg = EnergyConfig::under(&sys, &proc);
+        cfg.nvml = NvmlConfig::Disabled;
+        cfg.estimate.watts = Some(CpuWatts {
+            min_w: 1.0,
+            max_w: 3.0,
+        });
+        (tmp, cfg)
+    }
+
+    fn states(meters: &EnergyMeters) -> Vec<(MeterSource, MeterState)> {
+        meters
+            .status()
+            .iter()
+            .map(|s| (s.source, s.state))
+            .collect()
+    }
+
+    #[test]
+    fn no_rapl_means_estimate_per_package() {
+        let (_tmp, cfg) = host(false);
+        let t0 = Instant::now();
+        let mut meters = EnergyMeters::open_at(&cfg, t0);
+        assert_eq!(
+            states(&meters),
+            vec![
+                (MeterSource::RaplPerf, MeterState::NotFound),
+                (MeterSource::RaplPowercap, MeterState::NotFound),
+                (MeterSource::Estimated, MeterState::Active),
+                (MeterSource::Nvml, MeterState::Disabled),
+            ]
+        );
+        // 4 s later: cpu0 went 50 % busy (200 of 400 jiffies), cpu1 stayed idle.
+        std::fs::write(
+            cfg.proc_root.join("stat"),
+            "cpu0 300 0 0 1100 0 0 0 0 0 0\ncpu1 100 0 0 1300 0 0 0 0 0 0\n",
+        )
+        .unwrap();
+        let s = meters.sample_at(t0 + Duration::from_secs(4));
+        assert_eq!(s.interval, Duration::from_secs(4));
+        // (1 + 2 × 0.5) W + 1 W = 3 W × 4 s = 12 J
+        assert_eq!(
+            s.zones,
+            vec![ZoneReading {
+                key: ZoneKey::new(Zone::Package, "package-0", MeterSource::Estimated),
+                total_uj: Some(12_000_000),
+                delta_uj: Some(12_000_000),
+                wraps: 0,
+            }]
+        );
+        assert!(s.gpu_processes.is_empty() && s.vgpus.is_empty());
+    }
+
+    #[test]
+    fn readable_rapl_means_no_estimate() {
+        let (_tmp, cfg) = host(true);
+        let t0 = Instant::now();
+        let mut meters = EnergyMeters::open_at(&cfg, t0);
+        assert_eq!(meters.status()[1].state, MeterState::Active);
+        assert_eq!(meters.status()[2].state, MeterState::Disabled);
+        std::fs::write(
+            cfg.powercap_root.join("intel-rapl:0/energy_uj"),
+            "110000000",
+        )
+        .unwrap();
+        let s = meters.sample_at(t0 + Duration::from_secs(1));
+        assert_eq!(s.zones.len(), 7);
+        assert!(s
+            .zones
+            .iter()
+            .all(|z| z.key.source == MeterSource::RaplPowercap));
+        assert_eq!(s.zones[0].delta_uj, Some(10_000_000));
+    }
+
+    fn eacces_on_energy_uj(path: &Path) -> io::Result<String> {
+        if path.ends_with("energy_uj") {
+            return Err(io::Error::from_raw_os_error(libc::EACCES));
+        }
+        std::fs::read_to_string(path)
+    }
+
+    #[test]
+    fn unreadable_rapl_is_not_permitted_and_falls_back_to_estimate() {
+        let (_tmp, cfg) = host(true);
+        let meters = EnergyMeters::open_with(&cfg, Instant::now(), eacces_on_energy_uj);
+        let status = meters.status();
+        assert_eq!(status[1].state, MeterState::NotPermitted);
+        assert!(
+            status[1]
+                .to_string()
+                .starts_with("rapl-powercap: not permitted: 7 zones, none readable"),
+            "{}",
+            status[1]
+        );
+        assert!(status[1].detail.contains("CVE-2020-8694"), "{}", status[1]);
+        assert_eq!(status[2].state, MeterState::Active);
+    }
+
+    #[test]
+    fn estimate_can_be_turned_off() {
+        let (_tmp, mut cfg) = host(false);
+        cfg.allow_estimate = false;
+        let mut meters = EnergyMeters::open(&cfg);
+        assert_eq!(meters.status()[2].state, MeterState::Disabled);
+        assert!(meters.sample().zones.is_empty());
+    }
+
+    /// Whatever this host has (here: no RAPL, no GPU), opening never fails.
+    #[test]
+    fn open_on_this_host_never_fails() {
+        let mut meters = EnergyMeters::open(&EnergyConfig::default());
+        for line in meters.status() {
+            println!("this host: {line}");
+        }
+        let _ = meters.sample();
     }
 
     #[test]

@@ -29,8 +29,8 @@ use nvml_wrapper::vgpu::VgpuInstance;
 use nvml_wrapper::{Device, Nvml};
 
 use super::{
-    counter_delta, describe, EnergyError, GpuProcess, GpuVgpu, MeterSource, MeterState, MeterStatus,
-    Zone, ZoneKey, ZoneReading,
+    counter_delta, describe, EnergyError, GpuProcess, GpuVgpu, MeterSource, MeterState,
+    MeterStatus, Zone, ZoneKey, ZoneReading,
 };
 
 /// Whether and from where to load NVML.
@@ -80,7 +80,8 @@ fn value_percent(bits: u64, value_type: u32) -> Option<u32> {
     match value_type {
         NVML_VALUE_TYPE_DOUBLE => {
             let v = f64::from_bits(bits);
-            (v.is_finite() && v >= 0.0).then(|| u32::try_from(super::round_to_u64(v)).unwrap_or(u32::MAX))
+            (v.is_finite() && v >= 0.0)
+                .then(|| u32::try_from(super::round_to_u64(v)).unwrap_or(u32::MAX))
         }
         NVML_VALUE_TYPE_UNSIGNED_INT => Some(u32::from_ne_bytes(low)),
         NVML_VALUE_TYPE_UNSIGNED_LONG | NVML_VALUE_TYPE_UNSIGNED_LONG_LONG => {
@@ -153,7 +154,10 @@ impl Gpu {
                         if mj < prev {
                             // A 64-bit mJ counter does not wrap; going down is a driver reload,
                             // which restarts it at 0: what it shows now is certain.
-                            log::info!("nvml: {} energy counter restarted (driver reload)", self.key.device);
+                            log::info!(
+                                "nvml: {} energy counter restarted (driver reload)",
+                                self.key.device
+                            );
                             mj.saturating_mul(1000)
                         } else {
                             counter_delta(prev, mj, u64::MAX).0.saturating_mul(1000)
@@ -189,7 +193,10 @@ impl Gpu {
         match result {
             Ok(delta) => {
                 if self.failing {
-                    log::info!("nvml: {} readable again; its total continues", self.key.device);
+                    log::info!(
+                        "nvml: {} readable again; its total continues",
+                        self.key.device
+                    );
                     self.failing = false;
                 }
                 if let Some(d) = delta {
@@ -205,7 +212,11 @@ impl Gpu {
             Err(err) => {
                 if !self.failing {
                     self.failing = true;
-                    log::warn!("nvml: {}: {} reported unavailable", describe(&err), self.key.device);
+                    log::warn!(
+                        "nvml: {}: {} reported unavailable",
+                        describe(&err),
+                        self.key.device
+                    );
                 }
                 self.prev_mj = None;
                 self.prev_power = None;
@@ -233,7 +244,10 @@ impl Gpu {
             }
             // NOT_FOUND: no sample since the last timestamp.
             Err(NvmlError::NotFound | NvmlError::NotSupported) => {}
-            Err(e) => log::debug!("nvml: {}", describe(&self.nvml_error("nvmlDeviceGetProcessUtilization", e))),
+            Err(e) => log::debug!(
+                "nvml: {}",
+                describe(&self.nvml_error("nvmlDeviceGetProcessUtilization", e))
+            ),
         }
         let mut pids: Vec<u32> = match device.running_compute_processes() {
             Ok(list) => list.into_iter().map(|p| p.pid).collect(),
@@ -252,9 +266,9 @@ impl Gpu {
             .map(|pid| GpuProcess {
                 device: self.key.device.clone(),
                 pid,
-                sm_util_percent: util
-                    .get(&pid)
-                    .map_or(0, |&(sum, n)| u32::try_from(sum / n.max(1)).unwrap_or(u32::MAX)),
+                sm_util_percent: util.get(&pid).map_or(0, |&(sum, n)| {
+                    u32::try_from(sum / n.max(1)).unwrap_or(u32::MAX)
+                }),
             })
             .collect()
     }
@@ -264,7 +278,10 @@ impl Gpu {
         let ids = match active_vgpu_ids(nvml, device) {
             Ok(ids) => ids,
             Err(code) => {
-                log::trace!("nvml: {} nvmlDeviceGetActiveVgpus returned {code}", self.key.device);
+                log::trace!(
+                    "nvml: {} nvmlDeviceGetActiveVgpus returned {code}",
+                    self.key.device
+                );
                 return Vec::new();
             }
         };
@@ -274,7 +291,10 @@ impl Gpu {
         let util = match vgpu_utilization(nvml, device, self.last_vgpu_ts, ids.len()) {
             Ok(samples) => samples,
             Err(code) => {
-                log::trace!("nvml: {} nvmlDeviceGetVgpuUtilization returned {code}", self.key.device);
+                log::trace!(
+                    "nvml: {} nvmlDeviceGetVgpuUtilization returned {code}",
+                    self.key.device
+                );
                 Vec::new()
             }
         };
@@ -366,7 +386,13 @@ fn vgpu_utilization(
     samples.truncate(usize::try_from(count).unwrap_or(0));
     Ok(samples
         .into_iter()
-        .map(|s| (s.vgpu_instance, s.time_stamp, value_percent(s.sm_util, value_type)))
+        .map(|s| {
+            (
+                s.vgpu_instance,
+                s.time_stamp,
+                value_percent(s.sm_util, value_type),
+            )
+        })
         .collect())
 }
 
@@ -386,7 +412,9 @@ pub(crate) struct NvmlMeter {
 
 impl std::fmt::Debug for NvmlMeter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("NvmlMeter").field("gpus", &self.gpus).finish_non_exhaustive()
+        f.debug_struct("NvmlMeter")
+            .field("gpus", &self.gpus)
+            .finish_non_exhaustive()
     }
 }
 
@@ -396,7 +424,13 @@ impl NvmlMeter {
         let status = |state, detail: String| MeterStatus::new(MeterSource::Nvml, state, detail);
         let (init, lib) = match cfg {
             NvmlConfig::Disabled => {
-                return (None, status(MeterState::Disabled, "turned off by configuration".to_string()))
+                return (
+                    None,
+                    status(
+                        MeterState::Disabled,
+                        "turned off by configuration".to_string(),
+                    ),
+                )
             }
             NvmlConfig::Default => (Nvml::init(), DEFAULT_LIB.to_string()),
             NvmlConfig::LibPath(path) => (
@@ -407,15 +441,17 @@ impl NvmlMeter {
         let nvml = match init {
             Ok(nvml) => nvml,
             Err(NvmlError::LibloadingError(e)) => {
+                // dlerror's text names the library already.
                 let detail = format!(
-                    "no NVML library ({lib}: {e}): no GPU energy; install the NVIDIA driver or point \
-                     the NVML library path at libnvidia-ml.so"
+                    "no NVML library ({e}): no GPU energy; install the NVIDIA driver or point the \
+                     NVML library path at libnvidia-ml.so"
                 );
                 log::info!("nvml: {detail}");
                 return (None, status(MeterState::NotFound, detail));
             }
             Err(NvmlError::DriverNotLoaded) => {
-                let detail = format!("{lib} loaded but the NVIDIA kernel driver is not: no GPU energy");
+                let detail =
+                    format!("{lib} loaded but the NVIDIA kernel driver is not: no GPU energy");
                 log::info!("nvml: {detail}");
                 return (None, status(MeterState::NotFound, detail));
             }
@@ -447,7 +483,10 @@ impl NvmlMeter {
             }
         };
         if count == 0 {
-            return (None, status(MeterState::NotFound, format!("{lib}: no NVIDIA GPU")));
+            return (
+                None,
+                status(MeterState::NotFound, format!("{lib}: no NVIDIA GPU")),
+            );
         }
         let mut meter = NvmlMeter {
             gpus: (0..count).map(Gpu::new).collect(),
@@ -472,7 +511,10 @@ impl NvmlMeter {
             })
             .collect::<Vec<_>>()
             .join(", ");
-        (Some(meter), status(MeterState::Active, format!("{count} GPU(s): {described}")))
+        (
+            Some(meter),
+            status(MeterState::Active, format!("{count} GPU(s): {described}")),
+        )
     }
 
     /// Reads every GPU's energy, processes and vGPUs once.
@@ -491,7 +533,11 @@ impl NvmlMeter {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::expect_used)]
+#[allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a test's panic is its failure report"
+)]
 mod tests {
     use super::*;
     use std::path::Path;
@@ -500,16 +546,31 @@ mod tests {
     #[test]
     fn trapezoid_arithmetic() {
         // 100 W then 120 W over 2 s: 220 J.
-        assert_eq!(trapezoid_uj(100_000, 120_000, Duration::from_secs(2)), 220_000_000);
+        assert_eq!(
+            trapezoid_uj(100_000, 120_000, Duration::from_secs(2)),
+            220_000_000
+        );
         assert_eq!(trapezoid_uj(1, 1, Duration::from_nanos(1)), 0);
         assert_eq!(trapezoid_uj(250, 250, Duration::from_millis(500)), 125_000);
     }
 
     #[test]
     fn nvml_values_decode_by_type() {
-        assert_eq!(value_percent(u64::from(u32::from_ne_bytes(40u32.to_ne_bytes())), NVML_VALUE_TYPE_UNSIGNED_INT), Some(40));
-        assert_eq!(value_percent(12.6f64.to_bits(), NVML_VALUE_TYPE_DOUBLE), Some(13));
-        assert_eq!(value_percent(7, NVML_VALUE_TYPE_UNSIGNED_LONG_LONG), Some(7));
+        // A C union holding an unsigned int: its 4 bytes first, the rest zero.
+        let mut union = [0u8; 8];
+        union[..4].copy_from_slice(&40u32.to_ne_bytes());
+        assert_eq!(
+            value_percent(u64::from_ne_bytes(union), NVML_VALUE_TYPE_UNSIGNED_INT),
+            Some(40)
+        );
+        assert_eq!(
+            value_percent(12.6f64.to_bits(), NVML_VALUE_TYPE_DOUBLE),
+            Some(13)
+        );
+        assert_eq!(
+            value_percent(7, NVML_VALUE_TYPE_UNSIGNED_LONG_LONG),
+            Some(7)
+        );
         assert_eq!(value_percent(7, 99), None);
     }
 
@@ -529,7 +590,8 @@ mod tests {
     /// Builds `tests/fixtures/fake-nvml/fake_nvml.c` into a fresh `libnvidia-ml.so` (each test
     /// gets its own copy, so its own counters).
     fn build_fake_nvml(dir: &Path) -> PathBuf {
-        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/fake-nvml/fake_nvml.c");
+        let src =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/fake-nvml/fake_nvml.c");
         let lib = dir.join("libnvidia-ml.so");
         let out = Command::new("cc")
             .args(["-shared", "-fPIC", "-O1", "-Wall", "-Werror", "-o"])
@@ -537,7 +599,11 @@ mod tests {
             .arg(&src)
             .output()
             .expect("cc runs");
-        assert!(out.status.success(), "cc failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "cc failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         lib
     }
 
@@ -562,10 +628,16 @@ mod tests {
         let s = meter.sample(t0 + Duration::from_secs(1));
         let g0 = zone(&s.zones, "gpu-0");
         assert_eq!(g0.key, ZoneKey::new(Zone::Gpu, "gpu-0", MeterSource::Nvml));
-        assert_eq!((g0.delta_uj, g0.total_uj, g0.wraps), (Some(5_000_000), Some(5_000_000), 0));
+        assert_eq!(
+            (g0.delta_uj, g0.total_uj, g0.wraps),
+            (Some(5_000_000), Some(5_000_000), 0)
+        );
         let s = meter.sample(t0 + Duration::from_secs(2));
         let g0 = zone(&s.zones, "gpu-0");
-        assert_eq!((g0.delta_uj, g0.total_uj), (Some(5_000_000), Some(10_000_000)));
+        assert_eq!(
+            (g0.delta_uj, g0.total_uj),
+            (Some(5_000_000), Some(10_000_000))
+        );
     }
 
     #[test]
@@ -581,16 +653,24 @@ mod tests {
         let s = meter.sample(t0 + Duration::from_secs(2));
         let g1 = zone(&s.zones, "gpu-1");
         // (100 W + 120 W) / 2 × 2 s = 220 J
-        assert_eq!((g1.delta_uj, g1.total_uj), (Some(220_000_000), Some(220_000_000)));
+        assert_eq!(
+            (g1.delta_uj, g1.total_uj),
+            (Some(220_000_000), Some(220_000_000))
+        );
         let s = meter.sample(t0 + Duration::from_millis(2500));
         let g1 = zone(&s.zones, "gpu-1");
         // (120 W + 140 W) / 2 × 0.5 s = 65 J
-        assert_eq!((g1.delta_uj, g1.total_uj), (Some(65_000_000), Some(285_000_000)));
+        assert_eq!(
+            (g1.delta_uj, g1.total_uj),
+            (Some(65_000_000), Some(285_000_000))
+        );
     }
 
     #[test]
     fn fake_nvml_library_processes_and_vgpus() {
-        println!("fake_nvml_library_processes_and_vgpus: FAKE libnvidia-ml.so, no GPU on this host");
+        println!(
+            "fake_nvml_library_processes_and_vgpus: FAKE libnvidia-ml.so, no GPU on this host"
+        );
         let tmp = tempfile::tempdir().unwrap();
         let lib = build_fake_nvml(tmp.path());
         let t0 = Instant::now();
@@ -602,9 +682,21 @@ mod tests {
         assert_eq!(
             s.processes,
             vec![
-                GpuProcess { device: "gpu-0".into(), pid: 4242, sm_util_percent: 70 },
-                GpuProcess { device: "gpu-0".into(), pid: 4343, sm_util_percent: 0 },
-                GpuProcess { device: "gpu-0".into(), pid: 5151, sm_util_percent: 15 },
+                GpuProcess {
+                    device: "gpu-0".into(),
+                    pid: 4242,
+                    sm_util_percent: 70
+                },
+                GpuProcess {
+                    device: "gpu-0".into(),
+                    pid: 4343,
+                    sm_util_percent: 0
+                },
+                GpuProcess {
+                    device: "gpu-0".into(),
+                    pid: 5151,
+                    sm_util_percent: 15
+                },
             ]
         );
         // gpu-1 hosts one vGPU for libvirt domain 7.

@@ -177,7 +177,11 @@ pub(crate) fn parse_power_pmu(dir: &Path, read: ReadFn) -> Result<Option<PowerPm
 /// One CPU per package to open package-scope events on: `(package label, cpu)` in package
 /// order. From the PMU's `cpumask` where it has one, else the first CPU of each package in
 /// `<sys>/devices/system/cpu`.
-pub(crate) fn package_cpus(sys_root: &Path, cpumask: Option<&[u32]>, read: ReadFn) -> Vec<(String, u32)> {
+pub(crate) fn package_cpus(
+    sys_root: &Path,
+    cpumask: Option<&[u32]>,
+    read: ReadFn,
+) -> Vec<(String, u32)> {
     let cpus: Vec<u32> = match cpumask {
         Some(mask) => mask.to_vec(),
         None => online_cpus(sys_root),
@@ -239,7 +243,9 @@ fn perf_event_open(pmu_type: u32, config: u64, cpu: u32) -> io::Result<File> {
         config,
         ..PerfEventAttr::default()
     };
-    let cpu = libc::c_long::from(i32::try_from(cpu).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?);
+    let cpu = libc::c_long::from(
+        i32::try_from(cpu).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?,
+    );
     let pid: libc::c_long = -1;
     let group_fd: libc::c_long = -1;
     // SAFETY: `attr` is a fully initialised #[repr(C)] perf_event_attr whose `size` field says
@@ -352,7 +358,11 @@ const PERMISSION_FIX: &str = "run optimus as root, or give it CAP_PERFMON \
 
 impl PerfMeter {
     /// Opens every energy event on one CPU per package (psys once) and reads each once.
-    pub(crate) fn open(perf_root: &Path, sys_root: &Path, read: ReadFn) -> (Option<PerfMeter>, MeterStatus) {
+    pub(crate) fn open(
+        perf_root: &Path,
+        sys_root: &Path,
+        read: ReadFn,
+    ) -> (Option<PerfMeter>, MeterStatus) {
         let status = |state, detail: String| MeterStatus::new(MeterSource::RaplPerf, state, detail);
         let dir = perf_root.join("power");
         let pmu = match parse_power_pmu(&dir, read) {
@@ -401,14 +411,24 @@ impl PerfMeter {
                 }
             }
         }
-        let refused = errors
-            .first()
-            .map(|e| (describe(e), e.io_kind() == Some(io::ErrorKind::PermissionDenied)));
+        let refused = errors.first().map(|e| {
+            (
+                describe(e),
+                e.io_kind() == Some(io::ErrorKind::PermissionDenied),
+            )
+        });
         if counters.is_empty() {
-            let (why, permission) = refused.unwrap_or_else(|| ("no event to open".to_string(), false));
+            let (why, permission) =
+                refused.unwrap_or_else(|| ("no event to open".to_string(), false));
             if permission {
                 log::warn!("rapl-perf: {why}; fix: {PERMISSION_FIX}");
-                return (None, status(MeterState::NotPermitted, format!("{why}; fix: {PERMISSION_FIX}")));
+                return (
+                    None,
+                    status(
+                        MeterState::NotPermitted,
+                        format!("{why}; fix: {PERMISSION_FIX}"),
+                    ),
+                );
             }
             return (None, status(MeterState::Failed, why));
         }
@@ -425,7 +445,10 @@ impl PerfMeter {
         let mut detail = format!("{} counters: {names}", meter.counters.len());
         if let Some((why, _)) = refused {
             log::warn!("rapl-perf: {why}; that zone is not metered by perf");
-            detail = format!("{detail}; {} events could not be opened: {why}", errors.len());
+            detail = format!(
+                "{detail}; {} events could not be opened: {why}",
+                errors.len()
+            );
         }
         (Some(meter), status(MeterState::Active, detail))
     }
@@ -445,7 +468,11 @@ impl PerfMeter {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::expect_used)]
+#[allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a test's panic is its failure report"
+)]
 mod tests {
     use super::*;
     use std::fs;
@@ -481,7 +508,9 @@ mod tests {
         }
         for (cpu, package) in [(0, 0), (1, 0), (24, 1), (25, 1)] {
             write(
-                root.join(format!("devices/system/cpu/cpu{cpu}/topology/physical_package_id")),
+                root.join(format!(
+                    "devices/system/cpu/cpu{cpu}/topology/physical_package_id"
+                )),
                 &format!("{package}\n"),
             );
         }
@@ -512,7 +541,10 @@ mod tests {
         // The kernel's decimal is exactly 2^-32 J per count.
         assert!(pmu.events.iter().all(|e| e.scale == 2f64.powi(-32)));
         // 2^32 counts are one joule.
-        assert_eq!(round_to_u64(4_294_967_296.0 * pmu.events[1].scale * 1e6), 1_000_000);
+        assert_eq!(
+            round_to_u64(4_294_967_296.0 * pmu.events[1].scale * 1e6),
+            1_000_000
+        );
     }
 
     #[test]
@@ -579,7 +611,11 @@ mod tests {
     fn perf_event_open_on_this_host_without_power_pmu_fails_cleanly() {
         let tmp = tempfile::tempdir().unwrap();
         power_pmu_fixture(tmp.path(), "4000000");
-        let (meter, status) = PerfMeter::open(&tmp.path().join("bus/event_source/devices"), tmp.path(), fs_read);
+        let (meter, status) = PerfMeter::open(
+            &tmp.path().join("bus/event_source/devices"),
+            tmp.path(),
+            fs_read,
+        );
         assert!(meter.is_none());
         assert!(
             matches!(status.state, MeterState::Failed | MeterState::NotPermitted),

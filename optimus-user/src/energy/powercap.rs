@@ -166,7 +166,8 @@ impl PowercapMeter {
     /// Finds the zones under `root` and reads each once (the baseline). `None` when there is
     /// no RAPL zone at all; zones that cannot be read are kept, unavailable, and retried.
     pub(crate) fn open(root: &Path, read: ReadFn) -> (Option<PowercapMeter>, MeterStatus) {
-        let status = |state, detail: String| MeterStatus::new(MeterSource::RaplPowercap, state, detail);
+        let status =
+            |state, detail: String| MeterStatus::new(MeterSource::RaplPowercap, state, detail);
         let found = match discover(root, read) {
             Ok(found) => found,
             Err(err) => {
@@ -214,9 +215,15 @@ impl PowercapMeter {
                         format!("{readable} of {total} zones readable ({names}); {why}"),
                     )
                 } else if err.io_kind() == Some(io::ErrorKind::PermissionDenied) {
-                    status(MeterState::NotPermitted, format!("{total} zones, none readable; {why}"))
+                    status(
+                        MeterState::NotPermitted,
+                        format!("{total} zones, none readable; {why}"),
+                    )
                 } else {
-                    status(MeterState::Failed, format!("{total} zones, none readable; {why}"))
+                    status(
+                        MeterState::Failed,
+                        format!("{total} zones, none readable; {why}"),
+                    )
                 }
             }
         };
@@ -354,7 +361,11 @@ fn discover(root: &Path, read: ReadFn) -> Result<Vec<(ZoneKey, PathBuf)>, Energy
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::expect_used)]
+#[allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a test's panic is its failure report"
+)]
 mod tests {
     use super::*;
     use std::fs;
@@ -438,42 +449,74 @@ mod tests {
         // 30_000_000 / 40_000_000, psys at 500_000_000.
         set(&root, "intel-rapl:0", "energy_uj", "112500000\n"); // +12.5 J
         set(&root, "intel-rapl:1", "energy_uj", "207250000\n"); // +7.25 J
-        set(&root, "intel-rapl:0/intel-rapl:0:1", "energy_uj", "31000000\n"); // +1 J
+        set(
+            &root,
+            "intel-rapl:0/intel-rapl:0:1",
+            "energy_uj",
+            "31000000\n",
+        ); // +1 J
         set(&root, "intel-rapl:2", "energy_uj", "530000000\n"); // +30 J
         let s = meter.sample();
         assert_eq!(s.len(), 7);
         let p0 = reading(&s, "package-0", Zone::Package);
-        assert_eq!((p0.delta_uj, p0.total_uj, p0.wraps), (Some(12_500_000), Some(12_500_000), 0));
+        assert_eq!(
+            (p0.delta_uj, p0.total_uj, p0.wraps),
+            (Some(12_500_000), Some(12_500_000), 0)
+        );
         let p1 = reading(&s, "package-1", Zone::Package);
-        assert_eq!((p1.delta_uj, p1.total_uj), (Some(7_250_000), Some(7_250_000)));
+        assert_eq!(
+            (p1.delta_uj, p1.total_uj),
+            (Some(7_250_000), Some(7_250_000))
+        );
         let dram0 = reading(&s, "package-0", Zone::Dram);
         assert_eq!(dram0.delta_uj, Some(1_000_000));
         let dram1 = reading(&s, "package-1", Zone::Dram);
-        assert_eq!(dram1.delta_uj, Some(0), "an idle zone reads 0, it is not unavailable");
-        assert_eq!(reading(&s, "platform-0", Zone::Psys).delta_uj, Some(30_000_000));
+        assert_eq!(
+            dram1.delta_uj,
+            Some(0),
+            "an idle zone reads 0, it is not unavailable"
+        );
+        assert_eq!(
+            reading(&s, "platform-0", Zone::Psys).delta_uj,
+            Some(30_000_000)
+        );
 
         set(&root, "intel-rapl:0", "energy_uj", "113500000\n"); // +1 J
         let s = meter.sample();
         let p0 = reading(&s, "package-0", Zone::Package);
-        assert_eq!((p0.delta_uj, p0.total_uj), (Some(1_000_000), Some(13_500_000)));
+        assert_eq!(
+            (p0.delta_uj, p0.total_uj),
+            (Some(1_000_000), Some(13_500_000))
+        );
     }
 
     #[test]
     fn counter_about_to_wrap_is_corrected_and_counted() {
         let (_tmp, root) = two_packages();
         // 999_999 µJ below the top of the range.
-        set(&root, "intel-rapl:0", "energy_uj", &(MAX - 999_999).to_string());
+        set(
+            &root,
+            "intel-rapl:0",
+            "energy_uj",
+            &(MAX - 999_999).to_string(),
+        );
         let (meter, _) = PowercapMeter::open(&root, fs_read);
         let mut meter = meter.unwrap();
         set(&root, "intel-rapl:0", "energy_uj", "2000000");
         let s = meter.sample();
         let p0 = reading(&s, "package-0", Zone::Package);
         // 999_999 to the top + 1 step to 0 + 2_000_000 = 3 J, not dropped.
-        assert_eq!((p0.delta_uj, p0.total_uj, p0.wraps), (Some(3_000_000), Some(3_000_000), 1));
+        assert_eq!(
+            (p0.delta_uj, p0.total_uj, p0.wraps),
+            (Some(3_000_000), Some(3_000_000), 1)
+        );
         set(&root, "intel-rapl:0", "energy_uj", "2500000");
         let s = meter.sample();
         let p0 = reading(&s, "package-0", Zone::Package);
-        assert_eq!((p0.delta_uj, p0.total_uj, p0.wraps), (Some(500_000), Some(3_500_000), 1));
+        assert_eq!(
+            (p0.delta_uj, p0.total_uj, p0.wraps),
+            (Some(500_000), Some(3_500_000), 1)
+        );
     }
 
     #[test]
@@ -489,12 +532,18 @@ mod tests {
         set(&root, core0, "energy_uj", "400000"); // wrapped: 100_000 + 400_000
         let s = meter.sample();
         let c = reading(&s, "package-0", Zone::Core);
-        assert_eq!((c.delta_uj, c.total_uj, c.wraps), (Some(500_000), Some(500_000), 1));
+        assert_eq!(
+            (c.delta_uj, c.total_uj, c.wraps),
+            (Some(500_000), Some(500_000), 1)
+        );
 
         set(&root, core0, "energy_uj", "100000"); // wrapped again: 600_000 + 100_000
         let s = meter.sample();
         let c = reading(&s, "package-0", Zone::Core);
-        assert_eq!((c.delta_uj, c.total_uj, c.wraps), (Some(700_000), Some(1_200_000), 2));
+        assert_eq!(
+            (c.delta_uj, c.total_uj, c.wraps),
+            (Some(700_000), Some(1_200_000), 2)
+        );
     }
 
     /// Tests run as root, where `chmod 000` does not stop a read. The EACCES a non-root agent
@@ -511,15 +560,29 @@ mod tests {
         let (_tmp, root) = two_packages();
         let (meter, status) = PowercapMeter::open(&root, eacces_on_package_1);
         let mut meter = meter.unwrap();
-        assert_eq!(status.state, MeterState::Active, "other zones still work: {status}");
+        assert_eq!(
+            status.state,
+            MeterState::Active,
+            "other zones still work: {status}"
+        );
         assert!(status.detail.contains("6 of 7 zones readable"), "{status}");
-        assert!(status.detail.contains("intel-rapl:1/energy_uj"), "names the file: {status}");
-        assert!(status.detail.contains("CVE-2020-8694"), "gives the fix: {status}");
+        assert!(
+            status.detail.contains("intel-rapl:1/energy_uj"),
+            "names the file: {status}"
+        );
+        assert!(
+            status.detail.contains("CVE-2020-8694"),
+            "gives the fix: {status}"
+        );
         assert!(status.detail.contains("udev"), "{status}");
         for _ in 0..3 {
             let s = meter.sample();
             let p1 = reading(&s, "package-1", Zone::Package);
-            assert_eq!((p1.total_uj, p1.delta_uj), (None, None), "unavailable, never 0 W");
+            assert_eq!(
+                (p1.total_uj, p1.delta_uj),
+                (None, None),
+                "unavailable, never 0 W"
+            );
             assert_eq!(reading(&s, "package-0", Zone::Package).delta_uj, Some(0));
         }
         assert_eq!(meter.warnings(), 1, "one warning, not one per sample");
@@ -550,7 +613,10 @@ mod tests {
         fs::create_dir(dram0.join("energy_uj")).unwrap();
         let (meter, status) = PowercapMeter::open(&root, fs_read);
         let mut meter = meter.unwrap();
-        assert!(status.detail.contains("intel-rapl:0:1/energy_uj"), "{status}");
+        assert!(
+            status.detail.contains("intel-rapl:0:1/energy_uj"),
+            "{status}"
+        );
         let s = meter.sample();
         let d = reading(&s, "package-0", Zone::Dram);
         assert_eq!((d.total_uj, d.delta_uj), (None, None));
@@ -565,7 +631,10 @@ mod tests {
         let mut meter = meter.unwrap();
         set(&root, "intel-rapl:1", "energy_uj", "205000000"); // +5 J
         let s = meter.sample();
-        assert_eq!(reading(&s, "package-1", Zone::Package).total_uj, Some(5_000_000));
+        assert_eq!(
+            reading(&s, "package-1", Zone::Package).total_uj,
+            Some(5_000_000)
+        );
 
         set(&root, "intel-rapl:1", "energy_uj", "12ab\u{0}garbage\n");
         for _ in 0..2 {
@@ -583,7 +652,10 @@ mod tests {
         set(&root, "intel-rapl:1", "energy_uj", "302000000"); // +2 J
         let s = meter.sample();
         let p1 = reading(&s, "package-1", Zone::Package);
-        assert_eq!((p1.total_uj, p1.delta_uj), (Some(7_000_000), Some(2_000_000)));
+        assert_eq!(
+            (p1.total_uj, p1.delta_uj),
+            (Some(7_000_000), Some(2_000_000))
+        );
     }
 
     #[test]
@@ -610,7 +682,10 @@ mod tests {
         set(&root, "intel-rapl:1", "energy_uj", "211000000"); // +1 J
         let s = meter.sample();
         let p1 = reading(&s, "package-1", Zone::Package);
-        assert_eq!((p1.total_uj, p1.delta_uj), (Some(4_000_000), Some(1_000_000)));
+        assert_eq!(
+            (p1.total_uj, p1.delta_uj),
+            (Some(4_000_000), Some(1_000_000))
+        );
     }
 
     #[test]
@@ -620,7 +695,10 @@ mod tests {
         assert_eq!(status.state, MeterState::Active, "{status}");
         assert_eq!(
             meter.keys(),
-            vec![key(Zone::Package, "package-0"), key(Zone::Core, "package-0")]
+            vec![
+                key(Zone::Package, "package-0"),
+                key(Zone::Core, "package-0")
+            ]
         );
     }
 
@@ -635,8 +713,14 @@ mod tests {
 
     #[test]
     fn zone_dir_names() {
-        assert_eq!(parse_zone_dir_name("intel-rapl:0"), Some(("intel-rapl", vec![0])));
-        assert_eq!(parse_zone_dir_name("amd-rapl:1:2"), Some(("amd-rapl", vec![1, 2])));
+        assert_eq!(
+            parse_zone_dir_name("intel-rapl:0"),
+            Some(("intel-rapl", vec![0]))
+        );
+        assert_eq!(
+            parse_zone_dir_name("amd-rapl:1:2"),
+            Some(("amd-rapl", vec![1, 2]))
+        );
         assert_eq!(parse_zone_dir_name("intel-rapl-mmio:0"), None);
         assert_eq!(parse_zone_dir_name("intel-rapl"), None);
         assert_eq!(parse_zone_dir_name("intel-rapl:x"), None);
@@ -649,10 +733,16 @@ mod tests {
         let mut meter = meter.unwrap();
         let mut packages = meter.split_off(|k| k.zone != Zone::Core);
         packages.retain(|k| k.zone == Zone::Package);
-        assert_eq!(meter.keys(), vec![key(Zone::Core, "package-0"), key(Zone::Core, "package-1")]);
+        assert_eq!(
+            meter.keys(),
+            vec![key(Zone::Core, "package-0"), key(Zone::Core, "package-1")]
+        );
         assert_eq!(
             packages.keys(),
-            vec![key(Zone::Package, "package-0"), key(Zone::Package, "package-1")]
+            vec![
+                key(Zone::Package, "package-0"),
+                key(Zone::Package, "package-1")
+            ]
         );
     }
 }

@@ -13,6 +13,7 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::{Registry, Unit};
 
 use crate::discovery::VmId;
+use crate::sampler::blockio::{direction_label, DeviceIo};
 use crate::sampler::cpu::KINDS;
 use crate::sampler::{SharedSnapshot, Snapshot};
 
@@ -188,6 +189,82 @@ impl Collector for SnapshotCollector {
                     *v,
                 )
             }),
+        )?;
+
+        let dirs = ["read", "write"];
+        counters(
+            &mut enc,
+            "optimus_vm_block_io",
+            "Block I/O submitted by a VM's QEMU process, from eBPF block tracepoints",
+            Some(&Unit::Bytes),
+            s.vms.iter().flat_map(|vm| {
+                dirs.iter().zip(vm.block_io).map(|(dir, io)| {
+                    (
+                        [
+                            ("vm_name", vm.id.name.as_str()),
+                            ("vm_uuid", vm.id.uuid.as_str()),
+                            ("direction", *dir),
+                        ],
+                        count(io.bytes),
+                    )
+                })
+            }),
+        )?;
+        counters(
+            &mut enc,
+            "optimus_vm_block_io_operations",
+            "Block I/O requests submitted by a VM's QEMU process",
+            None,
+            s.vms.iter().flat_map(|vm| {
+                dirs.iter().zip(vm.block_io).map(|(dir, io)| {
+                    (
+                        [
+                            ("vm_name", vm.id.name.as_str()),
+                            ("vm_uuid", vm.id.uuid.as_str()),
+                            ("direction", *dir),
+                        ],
+                        count(io.ops),
+                    )
+                })
+            }),
+        )?;
+        let devices: Vec<(&str, &str, &DeviceIo)> = s
+            .block_devices
+            .iter()
+            .map(|((dev, dir), io)| (dev.as_str(), direction_label(*dir), io))
+            .collect();
+        let bytes_dirs = || devices.iter().filter(|(_, dir, _)| matches!(*dir, "read" | "write"));
+        counters(
+            &mut enc,
+            "optimus_node_block_io",
+            "Block I/O bytes per device, everything the block layer did (VMs + other processes + unattributed)",
+            Some(&Unit::Bytes),
+            bytes_dirs().map(|(dev, dir, io)| ([("device", *dev), ("direction", *dir)], count(io.total.bytes))),
+        )?;
+        counters(
+            &mut enc,
+            "optimus_node_block_io_unattributed",
+            "Block I/O bytes submitted by kernel threads (e.g. writeback) or by processes gone before they were identified",
+            Some(&Unit::Bytes),
+            bytes_dirs().map(|(dev, dir, io)| {
+                ([("device", *dev), ("direction", *dir)], count(io.unattributed.bytes))
+            }),
+        )?;
+        counters(
+            &mut enc,
+            "optimus_node_block_io_vm",
+            "Block I/O bytes per device submitted by VMs",
+            Some(&Unit::Bytes),
+            bytes_dirs().map(|(dev, dir, io)| ([("device", *dev), ("direction", *dir)], count(io.vms.bytes))),
+        )?;
+        counters(
+            &mut enc,
+            "optimus_node_block_io_operations",
+            "Block I/O requests per device, direction read, write, discard or flush",
+            None,
+            devices
+                .iter()
+                .map(|(dev, dir, io)| ([("device", *dev), ("direction", *dir)], count(io.total.ops))),
         )?;
 
         gauges(

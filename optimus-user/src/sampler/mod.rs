@@ -3,16 +3,18 @@
 //! immutable [`Snapshot`]. Scrapes only read the latest snapshot, so any number of scrapers
 //! never advance a counter twice.
 
+pub mod blockio;
 pub mod cpu;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use crate::discovery::{Discovery, VmId, VmSource};
-use crate::host::HostPaths;
+use crate::host::{HostPaths, ProcessKind};
+use blockio::{BlockIoLedger, DeviceIo, Submitter};
 use crate::tracer::Tracer;
 
 /// One VM as exported.
@@ -24,6 +26,8 @@ pub struct VmSnapshot {
     pub cpu_seconds_by_kind: [f64; 4],
     /// CPU seconds per vCPU index.
     pub vcpu_seconds: BTreeMap<u32, f64>,
+    /// Block I/O `[read, write]` submitted by the VM's QEMU process.
+    pub block_io: [blockio::Io; 2],
 }
 
 /// The agent's own cost and health.
@@ -48,6 +52,8 @@ pub struct AgentStats {
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Snapshot {
     pub vms: Vec<VmSnapshot>,
+    /// Block I/O per (device, `BLOCK_DIR_*`); empty when block I/O is not traced.
+    pub block_devices: BTreeMap<blockio::DeviceKey, DeviceIo>,
     pub agent: AgentStats,
 }
 
@@ -69,6 +75,10 @@ pub struct Sampler {
     discovery: Discovery,
     tracer: Tracer,
     ledger: cpu::CpuLedger,
+    block_io: BlockIoLedger,
+    /// QEMU pid → VM, from the last two scans (a QEMU that exited since still has I/O to
+    /// fold in).
+    vm_pids: HashMap<u32, VmId>,
     paths: HostPaths,
     stats: AgentStats,
 }
@@ -79,6 +89,8 @@ impl Sampler {
             discovery,
             tracer,
             ledger: cpu::CpuLedger::default(),
+            block_io: BlockIoLedger::default(),
+            vm_pids: HashMap::new(),
             paths,
             stats: AgentStats::default(),
         }
@@ -106,6 +118,7 @@ impl Sampler {
                 log::warn!("cannot read CPU time from the tracer: {e}");
             }
         }
+        self.fold_block_io(&vms);
         let vms = vms
             .iter()
             .filter_map(|vm| {
@@ -115,6 +128,7 @@ impl Sampler {
                     source: vm.source,
                     cpu_seconds_by_kind: cpu.by_kind_ns.map(seconds),
                     vcpu_seconds: cpu.vcpu_ns.iter().map(|(k, v)| (*k, seconds(*v))).collect(),
+                    block_io: self.block_io.vm(&vm.id),
                 })
             })
             .collect();
@@ -129,8 +143,56 @@ impl Sampler {
         self.stats.resident_bytes = resident_bytes;
         Snapshot {
             vms,
+            block_devices: self.block_io.devices().clone(),
             agent: self.stats.clone(),
         }
+    }
+
+    fn fold_block_io(&mut self, vms: &[crate::discovery::Vm]) {
+        if !matches!(
+            self.tracer.block_io_status(),
+            crate::tracer::BlockIoStatus::Attached { .. }
+        ) {
+            return;
+        }
+        let entries = match self.tracer.read_block_io() {
+            Ok(e) => e,
+            Err(e) => {
+                self.stats.sample_errors += 1;
+                log::warn!("cannot read block I/O from the tracer: {e}");
+                return;
+            }
+        };
+        let current: HashMap<u32, VmId> = vms.iter().map(|vm| (vm.pid, vm.id.clone())).collect();
+        let previous = std::mem::take(&mut self.vm_pids);
+        let paths = &self.paths;
+        // Resolved afresh each sample: a device number can be reused after a hot-unplug.
+        let mut names: HashMap<u32, String> = HashMap::new();
+        let forget = self.block_io.update(
+            &entries,
+            |tgid| {
+                let kind = paths.process_kind(tgid);
+                let vm = current.get(&tgid).or_else(|| previous.get(&tgid));
+                let who = match (vm, kind) {
+                    (Some(id), _) => Submitter::Vm(id.clone()),
+                    // tgid 0: issued from interrupt or idle context.
+                    (None, Some(ProcessKind::Kernel)) => Submitter::Unattributed,
+                    _ if tgid == 0 => Submitter::Unattributed,
+                    (None, _) => Submitter::Process,
+                };
+                (who, kind.is_some() || tgid == 0)
+            },
+            |dev| {
+                names
+                    .entry(dev)
+                    .or_insert_with(|| paths.block_device_name(dev))
+                    .clone()
+            },
+        );
+        self.tracer.forget_block_io(&forget);
+        let live: HashSet<&VmId> = current.values().collect();
+        self.block_io.retain_vms(|id| live.contains(id));
+        self.vm_pids = current;
     }
 }
 

@@ -132,6 +132,8 @@ impl Tracer {
     pub fn load(opts: &TracerOptions) -> Result<Self, TracerError> {
         raise_memlock_limit();
         let pid_offset = u64::from(btf::member_offset(&opts.btf_path, "task_struct", "pid")?);
+        let flags_offset =
+            u64::from(btf::member_offset(&opts.btf_path, "task_struct", "flags")?);
         let track_all = u32::from(opts.track_all);
         let block_fields = if opts.block_io {
             block_io_fields(&opts.paths)
@@ -141,7 +143,8 @@ impl Tracer {
         let mut loader = EbpfLoader::new();
         loader
             .override_global("TRACK_ALL", &track_all, true)
-            .override_global("TASK_PID_OFFSET", &pid_offset, true);
+            .override_global("TASK_PID_OFFSET", &pid_offset, true)
+            .override_global("TASK_FLAGS_OFFSET", &flags_offset, true);
         let offsets;
         if let Ok((_, o)) = &block_fields {
             offsets = *o;
