@@ -185,6 +185,13 @@ impl ChildGuard {
     pub fn child_mut(&mut self) -> &mut Child {
         &mut self.0
     }
+
+    /// Gives up ownership: the process keeps running after this guard is gone (and is
+    /// not reaped by us). Returns its pid.
+    pub fn detach(self) -> u32 {
+        let guard = std::mem::ManuallyDrop::new(self);
+        guard.0.id()
+    }
 }
 
 impl Drop for ChildGuard {

@@ -106,15 +106,16 @@ impl BlockIoLedger {
                 }
             };
             self.last.insert(*key, *value);
-            let (who, alive) = if key.kthread != 0 {
-                // Kernel threads (kworkers) come and go; their entries are folded and
-                // dropped every sample.
-                (Submitter::Unattributed, false)
+            let (who, alive) = verdicts
+                .entry(key.tgid)
+                .or_insert_with(|| classify(key.tgid))
+                .clone();
+            // Only a gone submitter's entry is dropped: one still alive may count more
+            // between this read and a delete, which would be lost.
+            let who = if key.kthread != 0 {
+                Submitter::Unattributed
             } else {
-                verdicts
-                    .entry(key.tgid)
-                    .or_insert_with(|| classify(key.tgid))
-                    .clone()
+                who
             };
             let dev = self
                 .devices
@@ -194,6 +195,7 @@ mod tests {
     fn classify(tgid: u32) -> (Submitter, bool) {
         match tgid {
             100 => (Submitter::Vm(vm_id()), true),
+            7 => (Submitter::Unattributed, true),
             200 => (Submitter::Process, true),
             _ => (Submitter::Process, false),
         }
