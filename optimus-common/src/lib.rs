@@ -46,8 +46,11 @@ pub struct TracerStats {
     pub dropped: u64,
     /// Reads of `next->pid` that failed.
     pub read_errors: u64,
+    /// Nanoseconds this CPU ran any task but its idle task (the slice in progress is added
+    /// by userspace at read time). Attribution's active/idle split rests on it.
+    pub busy_ns: u64,
 }
-const _: () = assert!(size_of::<TracerStats>() == 32);
+const _: () = assert!(size_of::<TracerStats>() == 40);
 
 /// Key of the block I/O map: who submitted how much to which device.
 #[repr(C)]

@@ -97,8 +97,13 @@ fn try_sched_switch(ctx: &RawTracePointContext) {
     // At sched_switch `current` is still the outgoing task.
     #[expect(clippy::cast_possible_truncation, reason = "the low half is the thread id")]
     let prev = bpf_get_current_pid_tgid() as u32;
-    if slot.tracked != 0 && slot.tid == prev && prev != 0 {
-        charge(prev, now.saturating_sub(slot.since_ns), stats);
+    // tid 0 is this CPU's idle task; an empty slot (first switch after load) names nobody.
+    if slot.tid == prev && prev != 0 {
+        let ran = now.saturating_sub(slot.since_ns);
+        stats.busy_ns += ran;
+        if slot.tracked != 0 {
+            charge(prev, ran, stats);
+        }
     }
 
     let next = match read_next_tid(ctx) {

@@ -7,10 +7,11 @@
 //! - [`exporter`]: serves the latest snapshot as OpenMetrics text.
 //! - [`check`]: `optimus check`, what works on this host and what does not.
 
+pub mod attribution;
 pub mod check;
 pub mod cli;
 pub mod discovery;
-// pub mod energy; (wired in when the meters land)
+pub mod energy;
 pub mod exporter;
 pub mod host;
 pub mod privileges;

@@ -106,6 +106,10 @@ pub fn workspace_root() -> PathBuf {
 }
 
 #[cfg(test)]
+#[expect(
+    clippy::unwrap_used,
+    reason = "a failing test should panic with a backtrace"
+)]
 mod tests {
     use super::*;
 
@@ -116,7 +120,10 @@ mod tests {
         let err = require_tools(&[("sh", "dash"), ("no-such-tool-xyz", "pkg-xyz")])
             .unwrap_err()
             .to_string();
-        assert!(err.contains("no-such-tool-xyz (apt-get install pkg-xyz)"), "{err}");
+        assert!(
+            err.contains("no-such-tool-xyz (apt-get install pkg-xyz)"),
+            "{err}"
+        );
         assert!(!err.contains("dash"), "{err}");
     }
 

@@ -249,8 +249,7 @@ fn ensure_kernel(dir: &Path) -> anyhow::Result<PathBuf> {
     std::fs::copy(&vmlinuz, staged.join("vmlinuz"))
         .with_context(|| format!("copy {}", vmlinuz.display()))?;
     copy_modules(&extracted.join("lib/modules"), &staged_modules, &package)?;
-    std::fs::write(staged.join("package"), format!("{package}\n"))
-        .context("write package name")?;
+    std::fs::write(staged.join("package"), format!("{package}\n")).context("write package name")?;
 
     if kernel_dir.exists() {
         // A half-built leftover (no vmlinuz or package file): replace it.
@@ -288,7 +287,9 @@ fn resolve_kernel_package() -> anyhow::Result<String> {
     )
     .context("apt-get update")?;
     depends().with_context(|| {
-        format!("apt-cache depends {META} names no linux-image-* package, even after apt-get update")
+        format!(
+            "apt-cache depends {META} names no linux-image-* package, even after apt-get update"
+        )
     })
 }
 
@@ -542,7 +543,7 @@ impl Newc {
     }
 
     fn pad(&mut self) {
-        while self.out.len() % 4 != 0 {
+        while !self.out.len().is_multiple_of(4) {
             self.out.push(0);
         }
     }
@@ -578,6 +579,10 @@ fn remove_stale_initrds(dir: &Path, keep: &Path) {
 }
 
 #[cfg(test)]
+#[expect(
+    clippy::unwrap_used,
+    reason = "a failing test should panic with a backtrace"
+)]
 mod tests {
     use super::*;
 

@@ -206,6 +206,10 @@ fn parse_value(text: &str) -> Option<f64> {
 }
 
 #[cfg(test)]
+#[expect(
+    clippy::unwrap_used,
+    reason = "a failing test should panic with a backtrace"
+)]
 mod tests {
     use super::*;
 
@@ -240,7 +244,10 @@ optimus_inf{le="+Inf"} +Inf
         assert_eq!(sample(TEXT, "optimus_up", &[]), Some(1.0));
         assert_eq!(sample(TEXT, "optimus_u", &[]), None);
         assert_eq!(sample(TEXT, "optimus_up", &[("x", "y")]), None);
-        assert_eq!(sample(TEXT, "optimus_inf", &[("le", "+Inf")]), Some(f64::INFINITY));
+        assert_eq!(
+            sample(TEXT, "optimus_inf", &[("le", "+Inf")]),
+            Some(f64::INFINITY)
+        );
         assert_eq!(parse(TEXT).len(), 5);
     }
 
@@ -268,6 +275,9 @@ optimus_inf{le="+Inf"} +Inf
         });
         let (status, body) = get(&addr, "/metrics").unwrap();
         assert_eq!((status, body.as_str()), (200, "up 1\n"));
-        assert!(server.join().unwrap().starts_with("GET /metrics HTTP/1.0\r\n"));
+        assert!(server
+            .join()
+            .unwrap()
+            .starts_with("GET /metrics HTTP/1.0\r\n"));
     }
 }

@@ -11,8 +11,8 @@ pub mod env;
 pub mod guest;
 pub mod http;
 pub mod libvirt;
-pub mod prometheus;
 pub mod proc;
+pub mod prometheus;
 pub mod qemu;
 
 mod console;

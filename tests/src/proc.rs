@@ -30,7 +30,11 @@ pub fn vcpu_tids(pid: u32) -> anyhow::Result<BTreeMap<u32, u32>> {
     let mut tids = BTreeMap::new();
     for entry in entries {
         let entry = entry.with_context(|| format!("read {}", task_dir.display()))?;
-        let Some(tid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+        let Some(tid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
             continue;
         };
         // A thread can exit between readdir and read: skip it.
@@ -246,7 +250,11 @@ pub fn find_pids_by_args(args: &[&str]) -> anyhow::Result<Vec<u32>> {
     let mut pids = Vec::new();
     for entry in std::fs::read_dir("/proc").context("read /proc")? {
         let entry = entry.context("read /proc")?;
-        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
             continue;
         };
         let Ok(raw) = std::fs::read(entry.path().join("cmdline")) else {
@@ -317,9 +325,8 @@ pub fn run(cmd: &mut Command, stdin: Option<&[u8]>, timeout: Duration) -> anyhow
         // A child that exits without reading all stdin gives EPIPE: its status tells more.
         let _ = w.join();
     }
-    let join = |r: Option<thread::JoinHandle<Vec<u8>>>| {
-        r.and_then(|h| h.join().ok()).unwrap_or_default()
-    };
+    let join =
+        |r: Option<thread::JoinHandle<Vec<u8>>>| r.and_then(|h| h.join().ok()).unwrap_or_default();
     Ok(Output {
         status,
         stdout: join(out_reader),
@@ -375,6 +382,10 @@ pub fn text_tail(text: &str, lines: usize) -> String {
 }
 
 #[cfg(test)]
+#[expect(
+    clippy::unwrap_used,
+    reason = "a failing test should panic with a backtrace"
+)]
 mod tests {
     use super::*;
 

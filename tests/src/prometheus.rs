@@ -308,6 +308,10 @@ fn strip_exemplar(line: &str) -> &str {
 }
 
 #[cfg(test)]
+#[expect(
+    clippy::unwrap_used,
+    reason = "a failing test should panic with a backtrace"
+)]
 mod tests {
     use super::*;
 
@@ -328,7 +332,8 @@ mod tests {
 
     #[test]
     fn openmetrics_rewrite() {
-        let om = "# HELP foo_seconds Foo.\n# TYPE foo_seconds counter\n# UNIT foo_seconds seconds\n\
+        let om =
+            "# HELP foo_seconds Foo.\n# TYPE foo_seconds counter\n# UNIT foo_seconds seconds\n\
                   foo_seconds_total{vm=\"a # b\"} 1 # {trace_id=\"x\"} 1\n\
                   # HELP build Build.\n# TYPE build info\nbuild_info{v=\"1\"} 1\n# EOF\n";
         assert_eq!(

@@ -198,7 +198,10 @@ mod tests {
             Path::new("/tmp/c.log"),
         );
         let joined = args.join(" ");
-        assert!(joined.contains("-name guest=a,,b,debug-threads=on"), "{joined}");
+        assert!(
+            joined.contains("-name guest=a,,b,debug-threads=on"),
+            "{joined}"
+        );
         assert!(joined.contains("-uuid 0f2c0c1e-"), "{joined}");
         assert!(
             joined.contains("file=/tmp/x,,y.raw,if=virtio,format=raw,cache=none,aio=native"),

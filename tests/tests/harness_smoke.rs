@@ -4,6 +4,11 @@
 //! Needs root. Run one at a time:
 //! `cargo test -p optimus-tests --test harness_smoke -- --test-threads=1 --nocapture`
 
+#![expect(
+    clippy::unwrap_used,
+    reason = "a failing test should panic with a backtrace"
+)]
+
 use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::thread;
@@ -56,7 +61,11 @@ fn plain_qemu_busy_vcpu_burns_cpu() {
     .unwrap();
     let boot = std::time::Instant::now();
     qemu.wait_for_console(READY_MARKER, BOOT_TIMEOUT).unwrap();
-    eprintln!("plain QEMU pid {} ready after {:?}", qemu.pid(), boot.elapsed());
+    eprintln!(
+        "plain QEMU pid {} ready after {:?}",
+        qemu.pid(),
+        boot.elapsed()
+    );
 
     let tids = proc::vcpu_tids(qemu.pid()).unwrap();
     assert_eq!(tids.len(), 2, "vCPU threads: {tids:?}");
@@ -229,15 +238,8 @@ fn guest_block_io_shows_in_proc_io() {
             pause_s: 1,
         }),
     };
-    let domain = Domain::create(
-        &libvirtd,
-        "optimus-smoke-io",
-        &image,
-        &plan,
-        1,
-        Some(&disk),
-    )
-    .unwrap();
+    let domain =
+        Domain::create(&libvirtd, "optimus-smoke-io", &image, &plan, 1, Some(&disk)).unwrap();
     let pid = domain.qemu_pid().unwrap();
     let (read0, write0) = proc::proc_io(pid).unwrap();
     let sectors0 = host_dev
@@ -273,4 +275,52 @@ fn guest_block_io_shows_in_proc_io() {
     );
     domain.destroy().unwrap();
     assert!(!proc::alive(pid));
+}
+
+#[test]
+fn guards_clean_up_when_a_test_panics() {
+    if env::require_root("guards_clean_up_when_a_test_panics").is_err() {
+        return;
+    }
+    if !tools_or_skip(
+        "guards_clean_up_when_a_test_panics",
+        &[
+            ("qemu-system-x86_64", "qemu-system-x86"),
+            ("virsh", "libvirt-clients"),
+            ("libvirtd", "libvirt-daemon"),
+            ("prometheus", "prometheus"),
+        ],
+    ) {
+        return;
+    }
+    let image = GuestImage::ensure().unwrap();
+    let pids = std::sync::Mutex::new(Vec::new());
+    let dirs = std::sync::Mutex::new(Vec::new());
+    let result = std::panic::catch_unwind(|| {
+        let plan = GuestPlan::default();
+        let qemu = PlainQemu::spawn("optimus-smoke-panic", None, &image, &plan, 1, None).unwrap();
+        pids.lock().unwrap().push(qemu.pid());
+        dirs.lock()
+            .unwrap()
+            .push(qemu.console_log().parent().unwrap().to_owned());
+        let libvirtd = Libvirtd::start().unwrap();
+        let domain =
+            Domain::create(&libvirtd, "optimus-smoke-panic", &image, &plan, 1, None).unwrap();
+        pids.lock().unwrap().push(domain.qemu_pid().unwrap());
+        dirs.lock()
+            .unwrap()
+            .push(domain.console_log().parent().unwrap().to_owned());
+        let prom = Prometheus::start("127.0.0.1:1", Duration::from_secs(1)).unwrap();
+        pids.lock().unwrap().push(prom.pid());
+        panic!("deliberate panic with QEMU, a domain and Prometheus running");
+    });
+    assert!(result.is_err());
+    let pids = pids.into_inner().unwrap();
+    assert_eq!(pids.len(), 3);
+    for pid in pids {
+        assert!(!proc::alive(pid), "process {pid} survived the panic");
+    }
+    for dir in dirs.into_inner().unwrap() {
+        assert!(!dir.exists(), "{} survived the panic", dir.display());
+    }
 }

@@ -43,6 +43,11 @@ pub fn with_demo_vm(name: &str, what: While<'_>) -> Result<()> {
     );
     match what {
         While::Keep => {
+            if libvirtd.started_here() {
+                println!(
+                    "demo: the libvirtd started for it keeps running too (later runs reuse it)"
+                );
+            }
             // Leaked on purpose: their Drop would destroy the domain and stop libvirtd. The
             // image may go: QEMU read the kernel and initramfs at boot.
             std::mem::forget(domain);

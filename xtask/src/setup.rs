@@ -343,7 +343,6 @@ fn bpf_linker(ws: &Workspace, path: &OsString, log: &mut Log) -> Result<()> {
     if !Path::new(LLVM_PREFIX).join("bin/llvm-config").exists() {
         bail!("bpf-linker needs LLVM 22 in {LLVM_PREFIX}\nfix, as root: apt-get install -y llvm-22-dev libpolly-22-dev libzstd-dev zlib1g-dev");
     }
-    log.installing("bpf-linker", "links the eBPF object");
     log.say("building bpf-linker against LLVM 22 (about a minute)…");
     let llvm_bin = Path::new(LLVM_PREFIX).join("bin");
     let path = cmd::path_with(&[&llvm_bin], Some(path.clone()))?;

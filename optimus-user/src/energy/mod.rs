@@ -402,6 +402,14 @@ pub(crate) fn describe(err: &dyn std::error::Error) -> String {
     text
 }
 
+/// Package number of CPUs `0..ncpus` (index = CPU id), numbered as powercap's `package-<n>`;
+/// what attribution uses to charge a thread from the package it ran on.
+pub fn package_of_cpus(sys_root: &Path, ncpus: usize) -> Vec<u32> {
+    let cpus: Vec<u32> = (0..ncpus).filter_map(|c| u32::try_from(c).ok()).collect();
+    let map = cpu_packages(sys_root, &cpus, |p| std::fs::read_to_string(p));
+    cpus.iter().map(|c| map.get(c).copied().unwrap_or(0)).collect()
+}
+
 /// Maps each given logical CPU to its package number: the rank of its
 /// `<sys>/devices/system/cpu/cpu<N>/topology/physical_package_id` among the distinct ids seen,
 /// which is how the kernel numbers `package-<n>` in powercap (logical package ids, 0..n).

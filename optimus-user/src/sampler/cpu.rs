@@ -201,6 +201,7 @@ mod tests {
     fn reading(v: &[(u32, &[u64])]) -> CpuReading {
         CpuReading {
             at_ns: 0,
+            busy_ns: Vec::new(),
             threads: v.iter().map(|(t, ns)| (*t, ns.to_vec())).collect(),
         }
     }

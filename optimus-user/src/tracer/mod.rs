@@ -86,6 +86,9 @@ pub struct CpuReading {
     pub at_ns: u64,
     /// Per thread id: nanoseconds on each CPU (index = CPU id), the running slice included.
     pub threads: HashMap<u32, Vec<u64>>,
+    /// Per CPU: nanoseconds it ran anything but its idle task since the tracer loaded, the
+    /// running slice included.
+    pub busy_ns: Vec<u64>,
 }
 
 impl CpuReading {
@@ -237,9 +240,16 @@ impl Tracer {
             let (tid, values) = entry.map_err(map_err("CPU_NS", "iterate"))?;
             threads.insert(tid, values.to_vec());
         }
-        // Map first, then slots, then the clock: a switch between the two reads can only
+        // Map and counters first, then slots, then the clock: a switch between the reads can only
         // under-count until the next read (which the sampler's monotonic clamp absorbs),
         // never count a slice twice.
+        let mut busy_ns: Vec<u64> = self
+            .stats
+            .get(&0, 0)
+            .map_err(map_err("STATS", "read"))?
+            .iter()
+            .map(|s| s.busy_ns)
+            .collect();
         let slots = self
             .running
             .get(&0, 0)
@@ -247,7 +257,13 @@ impl Tracer {
         let at_ns = monotonic_ns();
         let ncpus = slots.len();
         for (cpu, slot) in slots.iter().enumerate() {
-            if slot.tracked == 0 || slot.tid == 0 {
+            if slot.tid == 0 || slot.since_ns == 0 {
+                continue;
+            }
+            if let Some(b) = busy_ns.get_mut(cpu) {
+                *b += at_ns.saturating_sub(slot.since_ns);
+            }
+            if slot.tracked == 0 {
                 continue;
             }
             let per_cpu = threads
@@ -257,7 +273,11 @@ impl Tracer {
                 *v += at_ns.saturating_sub(slot.since_ns);
             }
         }
-        Ok(CpuReading { at_ns, threads })
+        Ok(CpuReading {
+            at_ns,
+            threads,
+            busy_ns,
+        })
     }
 
     /// Drops the kernel counters of threads that have exited (after their final read).
@@ -275,6 +295,7 @@ impl Tracer {
             charged: a.charged + s.charged,
             dropped: a.dropped + s.dropped,
             read_errors: a.read_errors + s.read_errors,
+            busy_ns: a.busy_ns + s.busy_ns,
         }))
     }
 
