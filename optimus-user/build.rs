@@ -2,7 +2,6 @@
 //! in OUT_DIR, where `tracer` embeds it. `AYA_BUILD_SKIP=1` skips this for a quick check.
 use anyhow::{anyhow, Context as _};
 
-
 fn main() -> anyhow::Result<()> {
     let cargo_metadata::Metadata { packages, .. } = cargo_metadata::MetadataCommand::new()
         .no_deps()

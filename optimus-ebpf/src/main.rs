@@ -11,8 +11,7 @@
 use aya_ebpf::{
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_current_task,
-        bpf_ktime_get_ns,
-        bpf_probe_read_kernel,
+        bpf_ktime_get_ns, bpf_probe_read_kernel,
     },
     macros::{map, raw_tracepoint, tracepoint},
     maps::{HashMap, PerCpuArray, PerCpuHashMap},
@@ -95,7 +94,10 @@ fn try_sched_switch(ctx: &RawTracePointContext) {
     stats.switches += 1;
 
     // At sched_switch `current` is still the outgoing task.
-    #[expect(clippy::cast_possible_truncation, reason = "the low half is the thread id")]
+    #[expect(
+        clippy::cast_possible_truncation,
+        reason = "the low half is the thread id"
+    )]
     let prev = bpf_get_current_pid_tgid() as u32;
     // tid 0 is this CPU's idle task; an empty slot (first switch after load) names nobody.
     if slot.tid == prev && prev != 0 {
@@ -142,7 +144,8 @@ fn read_next_tid(ctx: &RawTracePointContext) -> Option<u32> {
         return None;
     }
     // SAFETY: bpf_probe_read_kernel checks the address; a bad one returns an error.
-    let pid: i32 = unsafe { bpf_probe_read_kernel(next.wrapping_add(offset as usize).cast()) }.ok()?;
+    let pid: i32 =
+        unsafe { bpf_probe_read_kernel(next.wrapping_add(offset as usize).cast()) }.ok()?;
     u32::try_from(pid).ok()
 }
 

@@ -3,8 +3,9 @@
 
 use std::process::ExitCode;
 
-use crate::cli::HostArgs;
+use crate::cli::{EnergyArgs, HostArgs};
 use crate::discovery::{Discovery, LibvirtStatus};
+use crate::energy::{EnergyMeters, MeterState};
 use crate::tracer::{btf, tracefs, BlockIoStatus, Tracer, TracerOptions};
 
 /// How one check came out.
@@ -34,7 +35,7 @@ fn item(status: Status, what: &'static str, detail: impl Into<String>) -> Item {
 }
 
 /// Runs every check (loading the real eBPF programs when privileged).
-pub fn report(args: &HostArgs) -> Vec<Item> {
+pub fn report(args: &HostArgs, energy: &EnergyArgs) -> Vec<Item> {
     let paths = args.paths();
     let mut items = Vec::new();
 
@@ -54,20 +55,18 @@ pub fn report(args: &HostArgs) -> Vec<Item> {
     });
 
     let btf_path = paths.sys.join("kernel/btf/vmlinux");
-    items.push(
-        match btf::member_offset(&btf_path, "task_struct", "pid") {
-            Ok(off) => item(
-                Status::Ok,
-                "kernel BTF",
-                format!("{} (task_struct.pid at byte {off})", btf_path.display()),
-            ),
-            Err(e) => item(
-                Status::Fail,
-                "kernel BTF",
-                format!("{e}; use a kernel with CONFIG_DEBUG_INFO_BTF=y"),
-            ),
-        },
-    );
+    items.push(match btf::member_offset(&btf_path, "task_struct", "pid") {
+        Ok(off) => item(
+            Status::Ok,
+            "kernel BTF",
+            format!("{} (task_struct.pid at byte {off})", btf_path.display()),
+        ),
+        Err(e) => item(
+            Status::Fail,
+            "kernel BTF",
+            format!("{e}; use a kernel with CONFIG_DEBUG_INFO_BTF=y"),
+        ),
+    });
 
     let sched = tracefs::format_path(&paths.sys, "sched", "sched_switch");
     items.push(if sched.exists() {
@@ -84,7 +83,6 @@ pub fn report(args: &HostArgs) -> Vec<Item> {
         )
     });
 
-    
     if privileged {
         let opts = TracerOptions {
             btf_path,
@@ -108,11 +106,7 @@ pub fn report(args: &HostArgs) -> Vec<Item> {
                     BlockIoStatus::Disabled => item(Status::Warn, "block I/O", "disabled"),
                 });
             }
-            Err(e) => items.push(item(
-                Status::Fail,
-                "eBPF tracer",
-                error_chain(&e),
-            )),
+            Err(e) => items.push(item(Status::Fail, "eBPF tracer", error_chain(&e))),
         }
     } else {
         items.push(item(
@@ -138,7 +132,9 @@ pub fn report(args: &HostArgs) -> Vec<Item> {
         LibvirtStatus::Unreachable(why) => item(
             Status::Warn,
             "libvirt",
-            format!("{why}; VMs are still found in /proc. Start libvirtd or pass --libvirt-uri URI"),
+            format!(
+                "{why}; VMs are still found in /proc. Start libvirtd or pass --libvirt-uri URI"
+            ),
         ),
     });
     let threads: usize = vms.iter().map(|vm| vm.threads.len()).sum();
@@ -153,9 +149,25 @@ pub fn report(args: &HostArgs) -> Vec<Item> {
         item(
             Status::Ok,
             "QEMU processes",
-            format!("{} VM(s), {threads} threads: {}", vms.len(), names.join(", ")),
+            format!(
+                "{} VM(s), {threads} threads: {}",
+                vms.len(),
+                names.join(", ")
+            ),
         )
     });
+    for m in EnergyMeters::open(&energy.config(args)).status() {
+        let status = match m.state {
+            MeterState::Active | MeterState::Standby => Status::Ok,
+            MeterState::NotFound | MeterState::Disabled => Status::Warn,
+            MeterState::NotPermitted | MeterState::Failed => Status::Warn,
+        };
+        items.push(Item {
+            status,
+            what: "energy meter",
+            detail: format!("{}: {}: {}", m.source.label(), m.state.label(), m.detail),
+        });
+    }
     items
 }
 
@@ -171,8 +183,8 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 }
 
 /// Prints the report; exit code 1 when anything failed.
-pub fn run(args: &HostArgs) -> ExitCode {
-    let items = report(args);
+pub fn run(args: &HostArgs, energy: &EnergyArgs) -> ExitCode {
+    let items = report(args, energy);
     println!("optimus check: what works on this host\n");
     for i in &items {
         let tag = match i.status {

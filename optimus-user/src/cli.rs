@@ -24,7 +24,7 @@ pub enum Command {
     /// Run the agent: trace, sample and serve /metrics (the default).
     Run(RunArgs),
     /// Tell what works on this host and what does not, why, and the fix.
-    Check(HostArgs),
+    Check(CheckArgs),
 }
 
 /// Where to find the host's data sources.
@@ -59,6 +59,56 @@ impl HostArgs {
     }
 }
 
+/// Where the energy meters are and how to estimate without one.
+#[derive(Clone, Debug, Args)]
+pub struct EnergyArgs {
+    /// Root of the powercap tree (RAPL); for tests and containers.
+    #[arg(long, value_name = "DIR")]
+    pub powercap_root: Option<PathBuf>,
+    /// Load this libnvidia-ml.so instead of the system's.
+    #[arg(long, value_name = "PATH")]
+    pub nvml_library: Option<PathBuf>,
+    /// Do not look for NVIDIA GPUs.
+    #[arg(long)]
+    pub no_nvml: bool,
+    /// Never estimate CPU energy, even where no meter exists.
+    #[arg(long)]
+    pub no_estimate: bool,
+    /// Watts per logical CPU for the estimate, idle and busy (`MIN,MAX`), instead of Cloud
+    /// Carbon Footprint's table.
+    #[arg(long, value_name = "MIN,MAX", value_parser = parse_watts)]
+    pub estimate_watts: Option<(f64, f64)>,
+}
+
+impl EnergyArgs {
+    /// The meters' configuration under the host roots.
+    pub fn config(&self, host: &HostArgs) -> crate::energy::EnergyConfig {
+        let mut cfg = crate::energy::EnergyConfig::under(&host.sys_root, &host.proc_root);
+        if let Some(root) = &self.powercap_root {
+            cfg.powercap_root.clone_from(root);
+        }
+        cfg.nvml = match (&self.nvml_library, self.no_nvml) {
+            (_, true) => crate::energy::NvmlConfig::Disabled,
+            (Some(path), false) => crate::energy::NvmlConfig::LibPath(path.clone()),
+            (None, false) => crate::energy::NvmlConfig::Default,
+        };
+        cfg.allow_estimate = !self.no_estimate;
+        if let Some((min_w, max_w)) = self.estimate_watts {
+            cfg.estimate.watts = Some(crate::energy::CpuWatts { min_w, max_w });
+        }
+        cfg
+    }
+}
+
+/// Flags of `optimus check`.
+#[derive(Clone, Debug, Args)]
+pub struct CheckArgs {
+    #[command(flatten)]
+    pub host: HostArgs,
+    #[command(flatten)]
+    pub energy: EnergyArgs,
+}
+
 /// Flags of `optimus run`.
 #[derive(Clone, Debug, Args)]
 pub struct RunArgs {
@@ -76,6 +126,11 @@ pub struct RunArgs {
     /// Do not trace block I/O.
     #[arg(long)]
     pub no_block_io: bool,
+    #[command(flatten)]
+    pub energy: EnergyArgs,
+    /// Spread idle energy over running VMs: by vCPU count, by memory size, or not at all.
+    #[arg(long, value_enum, default_value = "none")]
+    pub idle_policy: crate::attribution::IdlePolicy,
 }
 
 impl Default for RunArgs {
@@ -88,6 +143,25 @@ impl Default for RunArgs {
             _ => unreachable!("`optimus run` with no flags always parses"),
         }
     }
+}
+
+/// Parses `MIN,MAX` watts, `0 <= MIN <= MAX <= 1000`.
+pub fn parse_watts(s: &str) -> Result<(f64, f64), String> {
+    let (a, b) = s
+        .split_once(',')
+        .ok_or_else(|| format!("`{s}` is not MIN,MAX watts; write e.g. 0.74,3.5"))?;
+    let parse = |v: &str| {
+        v.trim()
+            .parse::<f64>()
+            .ok()
+            .filter(|w| w.is_finite() && (0.0..=1000.0).contains(w))
+            .ok_or_else(|| format!("`{v}` is not a wattage between 0 and 1000"))
+    };
+    let (min, max) = (parse(a)?, parse(b)?);
+    if min > max {
+        return Err(format!("idle watts {min} exceed busy watts {max}"));
+    }
+    Ok((min, max))
 }
 
 /// Parses `1s`, `250ms`, `2m` or a bare number of seconds; 10 ms to 1 h.
@@ -125,6 +199,14 @@ mod tests {
         assert!(parse_duration("0s").is_err());
         assert!(parse_duration("fast").is_err());
         assert!(parse_duration("1h").is_err());
+    }
+
+    #[test]
+    fn watts() {
+        assert_eq!(parse_watts("0.74,3.5").unwrap(), (0.74, 3.5));
+        assert!(parse_watts("3.5,0.74").is_err());
+        assert!(parse_watts("1").is_err());
+        assert!(parse_watts("nan,1").is_err());
     }
 
     #[test]

@@ -9,6 +9,8 @@ use anyhow::Context as _;
 use clap::Parser as _;
 use optimus::cli::{Cli, Command, RunArgs};
 use optimus::discovery::Discovery;
+use optimus::energy::EnergyMeters;
+use optimus::sampler::energy::EnergyState;
 use optimus::sampler::{self, Sampler, Snapshot};
 use optimus::tracer::{BlockIoStatus, Tracer, TracerOptions};
 
@@ -19,9 +21,12 @@ fn main() -> ExitCode {
         .parse_env("RUST_LOG")
         .format_timestamp_secs()
         .init();
-    let result = match cli.command.unwrap_or_else(|| Command::Run(RunArgs::default())) {
+    let result = match cli
+        .command
+        .unwrap_or_else(|| Command::Run(RunArgs::default()))
+    {
         Command::Run(args) => run(&args),
-        Command::Check(args) => return optimus::check::run(&args),
+        Command::Check(args) => return optimus::check::run(&args.host, &args.energy),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -60,7 +65,18 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
         BlockIoStatus::Disabled => {}
     }
     let discovery = Discovery::new(paths.clone(), args.host.libvirt());
-    let sampler = Sampler::new(discovery, tracer, paths);
+    // Meters are opened before privileges are dropped (perf events, root-only files).
+    let meters = EnergyMeters::open(&args.energy.config(&args.host));
+    for status in meters.status() {
+        log::info!("energy meter {status}");
+    }
+    let ncpus = aya::util::nr_cpus().unwrap_or(1);
+    let energy = EnergyState::new(
+        meters,
+        optimus::energy::package_of_cpus(&paths.sys, ncpus),
+        args.idle_policy,
+    );
+    let sampler = Sampler::new(discovery, tracer, Some(energy), paths);
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)

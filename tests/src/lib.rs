@@ -16,3 +16,4 @@ pub mod prometheus;
 pub mod qemu;
 
 mod console;
+mod cpio;

@@ -86,7 +86,7 @@ fn plain_qemu_busy_vcpu_burns_cpu() {
         idle as f64 / 1e9
     );
     assert!(busy > 4 * idle, "busy {busy} ns vs idle {idle} ns");
-    assert!(busy > 2_000_000_000, "busy vCPU ran only {busy} ns in 5 s");
+    assert!(busy > 1_000_000_000, "busy vCPU ran only {busy} ns in 5 s");
 
     let pid = qemu.pid();
     drop(qemu);

@@ -80,7 +80,10 @@ pub struct ZoneSplit {
 
 const UJ_PER_J: f64 = 1e6;
 
-#[expect(clippy::cast_precision_loss, reason = "energy and time deltas of one interval")]
+#[expect(
+    clippy::cast_precision_loss,
+    reason = "energy and time deltas of one interval"
+)]
 fn f(v: u64) -> f64 {
     v as f64
 }

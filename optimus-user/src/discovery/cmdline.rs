@@ -13,6 +13,8 @@ pub struct QemuArgs {
     pub name: Option<String>,
     /// The `-uuid` value as lowercase hyphenated text, if given and well formed.
     pub uuid: Option<String>,
+    /// Guest memory from `-m` (`-m 256`, `-m 4G`, `-m size=262144k`), bytes.
+    pub memory_bytes: Option<u64>,
 }
 
 /// Splits the raw NUL-separated contents of `/proc/<pid>/cmdline` into arguments.
@@ -62,10 +64,41 @@ pub fn parse_qemu_cmdline(raw: &[u8]) -> Option<QemuArgs> {
                     args.uuid = normalize_uuid(&String::from_utf8_lossy(value));
                 }
             }
+            b"m" => {
+                if let Some(value) = argv.next() {
+                    args.memory_bytes = memory_size(&String::from_utf8_lossy(value));
+                }
+            }
             _ => {}
         }
     }
     Some(args)
+}
+
+/// QEMU's `-m` value in bytes: `[size=]N[KMGT]` (no suffix: MiB), other keys ignored.
+pub fn memory_size(opts: &str) -> Option<u64> {
+    let size = opts
+        .split(',')
+        .find_map(|kv| match kv.split_once('=') {
+            Some(("size", v)) => Some(v),
+            Some(_) => None,
+            None => Some(kv),
+        })?
+        .trim();
+    let (num, unit) = size.split_at(
+        size.find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(size.len()),
+    );
+    let n: u64 = num.parse().ok()?;
+    let shift = match unit.to_ascii_lowercase().as_str() {
+        "" | "m" | "mb" => 20,
+        "k" | "kb" => 10,
+        "g" | "gb" => 30,
+        "t" | "tb" => 40,
+        "b" => 0,
+        _ => return None,
+    };
+    n.checked_mul(1u64 << shift)
 }
 
 /// `-foo` or `--foo` → `foo`; anything else (a disk image path, an option value) → `None`.
@@ -267,7 +300,10 @@ mod tests {
         let q = b"qemu-system-x86_64";
         assert_eq!(
             parse_qemu_cmdline(&raw(&[q, b"-m", b"512"])).unwrap(),
-            QemuArgs::default()
+            QemuArgs {
+                memory_bytes: Some(512 << 20),
+                ..QemuArgs::default()
+            }
         );
         assert_eq!(name_of(&[q, b"-name", b"guest=,debug-threads=on"]), None);
         assert_eq!(name_of(&[q, b"-name", b""]), None);
@@ -315,5 +351,19 @@ mod tests {
         assert_eq!(normalize_uuid("6695eb01f6a4830479aa97f2502e193f"), None);
         assert_eq!(normalize_uuid("6695eb01-f6a4-8304-79aa-97f2502e193g"), None);
         assert_eq!(normalize_uuid(""), None);
+    }
+
+    #[test]
+    fn memory_sizes() {
+        assert_eq!(memory_size("256"), Some(256 << 20));
+        assert_eq!(memory_size("4G"), Some(4 << 30));
+        assert_eq!(memory_size("size=262144k"), Some(256 << 20));
+        assert_eq!(memory_size("size=1G,slots=4,maxmem=8G"), Some(1 << 30));
+        assert_eq!(memory_size("lots"), None);
+        let raw = b"qemu-system-x86_64\0-m\0size=262144k\0-name\0x\0";
+        assert_eq!(
+            parse_qemu_cmdline(raw).unwrap().memory_bytes,
+            Some(256 << 20)
+        );
     }
 }

@@ -89,6 +89,8 @@ pub struct Vm {
     pub source: VmSource,
     /// Process id of its QEMU process.
     pub pid: u32,
+    /// Guest memory size from QEMU's `-m`, bytes (for the memory idle policy).
+    pub memory_bytes: Option<u64>,
     /// Every thread of the QEMU process, plus vhost workers that serve it.
     pub threads: Vec<VmThread>,
 }

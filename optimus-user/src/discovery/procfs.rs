@@ -173,6 +173,7 @@ impl ProcScanner {
             },
             source: VmSource::Proc,
             pid,
+            memory_bytes: args.memory_bytes,
             threads,
         })
     }

@@ -407,7 +407,9 @@ pub(crate) fn describe(err: &dyn std::error::Error) -> String {
 pub fn package_of_cpus(sys_root: &Path, ncpus: usize) -> Vec<u32> {
     let cpus: Vec<u32> = (0..ncpus).filter_map(|c| u32::try_from(c).ok()).collect();
     let map = cpu_packages(sys_root, &cpus, |p| std::fs::read_to_string(p));
-    cpus.iter().map(|c| map.get(c).copied().unwrap_or(0)).collect()
+    cpus.iter()
+        .map(|c| map.get(c).copied().unwrap_or(0))
+        .collect()
 }
 
 /// Maps each given logical CPU to its package number: the rank of its

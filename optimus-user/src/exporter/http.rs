@@ -87,7 +87,11 @@ async fn handle(mut stream: TcpStream, shared: &SharedSnapshot) -> std::io::Resu
         ("GET" | "HEAD", "/metrics") => match super::render_shared(shared) {
             Ok(text) if wants_openmetrics(&buf) => (200, OPENMETRICS, text),
             Ok(text) => (200, CLASSIC, super::to_classic(&text)),
-            Err(_) => (500, "text/plain", "encoding the metrics failed\n".to_owned()),
+            Err(_) => (
+                500,
+                "text/plain",
+                "encoding the metrics failed\n".to_owned(),
+            ),
         },
         ("GET" | "HEAD", "/") => (
             200,

@@ -15,6 +15,7 @@ use prometheus_client::registry::{Registry, Unit};
 use crate::discovery::VmId;
 use crate::sampler::blockio::{direction_label, DeviceIo};
 use crate::sampler::cpu::KINDS;
+use crate::sampler::energy::{EnergySnapshot, NodeZone};
 use crate::sampler::{SharedSnapshot, Snapshot};
 
 /// Renders a snapshot into OpenMetrics text.
@@ -233,7 +234,11 @@ impl Collector for SnapshotCollector {
             .iter()
             .map(|((dev, dir), io)| (dev.as_str(), direction_label(*dir), io))
             .collect();
-        let bytes_dirs = || devices.iter().filter(|(_, dir, _)| matches!(*dir, "read" | "write"));
+        let bytes_dirs = || {
+            devices
+                .iter()
+                .filter(|(_, dir, _)| matches!(*dir, "read" | "write"))
+        };
         counters(
             &mut enc,
             "optimus_node_block_io",
@@ -255,17 +260,23 @@ impl Collector for SnapshotCollector {
             "optimus_node_block_io_vm",
             "Block I/O bytes per device submitted by VMs",
             Some(&Unit::Bytes),
-            bytes_dirs().map(|(dev, dir, io)| ([("device", *dev), ("direction", *dir)], count(io.vms.bytes))),
+            bytes_dirs().map(|(dev, dir, io)| {
+                ([("device", *dev), ("direction", *dir)], count(io.vms.bytes))
+            }),
         )?;
         counters(
             &mut enc,
             "optimus_node_block_io_operations",
             "Block I/O requests per device, direction read, write, discard or flush",
             None,
-            devices
-                .iter()
-                .map(|(dev, dir, io)| ([("device", *dev), ("direction", *dir)], count(io.total.ops))),
+            devices.iter().map(|(dev, dir, io)| {
+                ([("device", *dev), ("direction", *dir)], count(io.total.ops))
+            }),
         )?;
+
+        if let Some(e) = &s.energy {
+            encode_energy(&mut enc, s, e)?;
+        }
 
         gauges(
             &mut enc,
@@ -327,4 +338,124 @@ impl Collector for SnapshotCollector {
         )?;
         Ok(())
     }
+}
+
+/// Owned label values as the borrowed form the encoders take.
+fn borrowed<'a, const N: usize>(
+    l: &'a [(&'static str, String); N],
+) -> [(&'static str, &'a str); N] {
+    l.each_ref().map(|(k, v)| (*k, v.as_str()))
+}
+
+fn zone_labels(z: &NodeZone) -> [(&'static str, &str); 3] {
+    [
+        ("zone", z.key.zone.label()),
+        ("device", z.key.device.as_str()),
+        ("source", z.key.source.label()),
+    ]
+}
+
+fn encode_energy(enc: &mut DescriptorEncoder, s: &Snapshot, e: &EnergySnapshot) -> fmt::Result {
+    counters(
+        enc,
+        "optimus_node_energy",
+        "Energy the node used per zone and device, from a meter (rapl-powercap, rapl-perf, nvml) or estimated (source=\"estimated\"); psys contains package, package contains core and uncore: do not add them",
+        Some(&Unit::Joules),
+        e.zones
+            .iter()
+            .filter_map(|z| Some((zone_labels(z), z.joules?))),
+    )?;
+    gauges(
+        enc,
+        "optimus_node_power",
+        "Average power over the last sampling interval per zone and device",
+        Some(&Unit::Other("watts".into())),
+        e.zones
+            .iter()
+            .filter_map(|z| Some((zone_labels(z), z.watts?))),
+    )?;
+    gauges(
+        enc,
+        "optimus_node_energy_zone_available",
+        "1 when the zone's meter could be read at the last sample, 0 when it is unavailable (its energy series is then absent, never zero)",
+        None,
+        e.zones
+            .iter()
+            .map(|z| (zone_labels(z), if z.joules.is_some() { 1.0 } else { 0.0 })),
+    )?;
+    counters(
+        enc,
+        "optimus_node_energy_wraps",
+        "Energy counter wrap-arounds corrected (never dropped)",
+        None,
+        e.zones.iter().map(|z| (zone_labels(z), count(z.wraps))),
+    )?;
+    gauges(
+        enc,
+        "optimus_energy_meter_info",
+        "Each energy meter and its state (active, standby, not found, not permitted, failed, disabled)",
+        None,
+        e.meters
+            .iter()
+            .map(|m| ([("source", m.source.label()), ("state", m.state.label())], 1.0)),
+    )?;
+    let zd = |z: &'_ NodeZone| -> [(&'static str, String); 2] {
+        [
+            ("zone", z.key.zone.label().to_owned()),
+            ("device", z.key.device.clone()),
+        ]
+    };
+    let idle: Vec<_> = e.zones.iter().map(|z| (zd(z), z.idle_joules)).collect();
+    let unattributed: Vec<_> = e
+        .zones
+        .iter()
+        .map(|z| (zd(z), z.unattributed_joules))
+        .collect();
+    counters(
+        enc,
+        "optimus_node_idle_energy",
+        "Node energy attributed to idle (the zone's CPUs or GPU not busy), per zone and device",
+        Some(&Unit::Joules),
+        idle.iter().map(|(l, v)| (borrowed(l), *v)),
+    )?;
+    counters(
+        enc,
+        "optimus_node_unattributed_energy",
+        "Active node energy of host processes (not a VM), per zone and device; VMs that stopped move here",
+        Some(&Unit::Joules),
+        unattributed.iter().map(|(l, v)| (borrowed(l), *v)),
+    )?;
+    let vm_rows: Vec<(&VmId, &'static str, &'static str, f64, f64)> = s
+        .vms
+        .iter()
+        .filter_map(|vm| e.vms.get(&vm.id).map(|z| (&vm.id, z)))
+        .flat_map(|(id, z)| {
+            z.iter()
+                .map(move |((zone, source), (j, w))| (id, zone.label(), *source, *j, *w))
+        })
+        .collect();
+    let vm_labels =
+        |r: &(&'_ VmId, &'static str, &'static str, f64, f64)| -> [(&'static str, String); 4] {
+            [
+                ("vm_name", r.0.name.clone()),
+                ("vm_uuid", r.0.uuid.clone()),
+                ("zone", r.1.to_owned()),
+                ("source", r.2.to_owned()),
+            ]
+        };
+    let rows: Vec<_> = vm_rows.iter().map(|r| (vm_labels(r), r.3, r.4)).collect();
+    counters(
+        enc,
+        "optimus_vm_energy",
+        "Energy attributed to a VM per zone (summed over devices) and meter source",
+        Some(&Unit::Joules),
+        rows.iter().map(|(l, j, _)| (borrowed(l), *j)),
+    )?;
+    gauges(
+        enc,
+        "optimus_vm_power",
+        "Average power attributed to a VM over the last sampling interval per zone and source",
+        Some(&Unit::Other("watts".into())),
+        rows.iter().map(|(l, _, w)| (borrowed(l), *w)),
+    )
 }

@@ -14,8 +14,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use optimus_common::{
-    BlockIoKey, BlockIoValue, BLOCK_DIR_DISCARD, BLOCK_DIR_FLUSH, BLOCK_DIR_READ,
-    BLOCK_DIR_WRITE,
+    BlockIoKey, BlockIoValue, BLOCK_DIR_DISCARD, BLOCK_DIR_FLUSH, BLOCK_DIR_READ, BLOCK_DIR_WRITE,
 };
 
 use crate::discovery::VmId;
@@ -226,14 +225,29 @@ mod tests {
             dev,
         );
         let [r, w] = l.vm(&vm_id());
-        assert_eq!(r, Io { bytes: 1 << 20, ops: 8 });
-        assert_eq!(w, Io { bytes: 12288, ops: 3 });
+        assert_eq!(
+            r,
+            Io {
+                bytes: 1 << 20,
+                ops: 8
+            }
+        );
+        assert_eq!(
+            w,
+            Io {
+                bytes: 12288,
+                ops: 3
+            }
+        );
         let d = l.devices()[&("vda".to_owned(), BLOCK_DIR_WRITE)];
         assert_eq!(d.total.bytes, 12288 + 8192 + 1024);
         assert_eq!(d.unattributed.bytes, 8192);
         assert_eq!(d.processes.bytes, 1024);
         assert_eq!(d.vms.bytes, w.bytes);
-        assert_eq!(w.bytes + d.unattributed.bytes + d.processes.bytes, d.total.bytes);
+        assert_eq!(
+            w.bytes + d.unattributed.bytes + d.processes.bytes,
+            d.total.bytes
+        );
     }
 
     #[test]

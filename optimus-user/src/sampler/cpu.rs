@@ -191,6 +191,7 @@ mod tests {
             },
             source: VmSource::Proc,
             pid: threads[0].0,
+            memory_bytes: None,
             threads: threads
                 .iter()
                 .map(|&(tid, kind)| VmThread { tid, kind })
@@ -220,7 +221,12 @@ mod tests {
         );
         let forget = l.update(
             std::slice::from_ref(&a),
-            &reading(&[(10, &[5, 0]), (11, &[100, 50]), (12, &[0, 7]), (13, &[1, 1])]),
+            &reading(&[
+                (10, &[5, 0]),
+                (11, &[100, 50]),
+                (12, &[0, 7]),
+                (13, &[1, 1]),
+            ]),
         );
         assert!(forget.is_empty());
         let cpu = l.vm(&a.id).unwrap();
@@ -232,11 +238,20 @@ mod tests {
     #[test]
     fn exited_thread_keeps_its_final_count() {
         let mut l = CpuLedger::default();
-        let full = vm("a", &[(10, ThreadKind::Emulator), (11, ThreadKind::IoThread)]);
-        l.update(std::slice::from_ref(&full), &reading(&[(10, &[5]), (11, &[20])]));
+        let full = vm(
+            "a",
+            &[(10, ThreadKind::Emulator), (11, ThreadKind::IoThread)],
+        );
+        l.update(
+            std::slice::from_ref(&full),
+            &reading(&[(10, &[5]), (11, &[20])]),
+        );
         // 11 exits after running 30 ns in total; the read after the scan still sees it.
         let less = vm("a", &[(10, ThreadKind::Emulator)]);
-        let forget = l.update(std::slice::from_ref(&less), &reading(&[(10, &[6]), (11, &[30])]));
+        let forget = l.update(
+            std::slice::from_ref(&less),
+            &reading(&[(10, &[6]), (11, &[30])]),
+        );
         assert_eq!(forget, vec![11]);
         assert_eq!(l.vm(&less.id).unwrap().by_kind_ns, [0, 6, 30, 0]);
         // Next interval the kernel entry is gone; the VM total does not drop.
@@ -274,7 +289,10 @@ mod tests {
     fn vanished_vm_is_dropped_and_its_threads_forgotten() {
         let mut l = CpuLedger::default();
         let a = vm("a", &[(10, ThreadKind::Emulator)]);
-        let b = vm("b", &[(20, ThreadKind::Emulator), (21, ThreadKind::Vcpu(0))]);
+        let b = vm(
+            "b",
+            &[(20, ThreadKind::Emulator), (21, ThreadKind::Vcpu(0))],
+        );
         l.update(&[a.clone(), b.clone()], &reading(&[(10, &[1]), (20, &[2])]));
         let mut forget = l.update(std::slice::from_ref(&a), &reading(&[(10, &[1])]));
         forget.sort_unstable();

@@ -5,6 +5,7 @@
 
 pub mod blockio;
 pub mod cpu;
+pub mod energy;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -14,8 +15,8 @@ use std::time::{Duration, Instant};
 
 use crate::discovery::{Discovery, VmId, VmSource};
 use crate::host::{HostPaths, ProcessKind};
-use blockio::{BlockIoLedger, DeviceIo, Submitter};
 use crate::tracer::Tracer;
+use blockio::{BlockIoLedger, DeviceIo, Submitter};
 
 /// One VM as exported.
 #[derive(Clone, Debug, PartialEq)]
@@ -52,6 +53,8 @@ pub struct AgentStats {
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Snapshot {
     pub vms: Vec<VmSnapshot>,
+    /// Node energy, attribution and meter status; `None` with `--no-energy`.
+    pub energy: Option<energy::EnergySnapshot>,
     /// Block I/O per (device, `BLOCK_DIR_*`); empty when block I/O is not traced.
     pub block_devices: BTreeMap<blockio::DeviceKey, DeviceIo>,
     pub agent: AgentStats,
@@ -75,6 +78,7 @@ pub struct Sampler {
     discovery: Discovery,
     tracer: Tracer,
     ledger: cpu::CpuLedger,
+    energy: Option<energy::EnergyState>,
     block_io: BlockIoLedger,
     /// QEMU pid → VM, from the last two scans (a QEMU that exited since still has I/O to
     /// fold in).
@@ -84,11 +88,17 @@ pub struct Sampler {
 }
 
 impl Sampler {
-    pub fn new(discovery: Discovery, tracer: Tracer, paths: HostPaths) -> Self {
+    pub fn new(
+        discovery: Discovery,
+        tracer: Tracer,
+        energy: Option<energy::EnergyState>,
+        paths: HostPaths,
+    ) -> Self {
         Self {
             discovery,
             tracer,
             ledger: cpu::CpuLedger::default(),
+            energy,
             block_io: BlockIoLedger::default(),
             vm_pids: HashMap::new(),
             paths,
@@ -108,16 +118,22 @@ impl Sampler {
             self.stats.sample_errors += 1;
             log::warn!("cannot update the tracked threads: {e}");
         }
-        match self.tracer.read_cpu() {
+        let reading = match self.tracer.read_cpu() {
             Ok(reading) => {
                 let forget = self.ledger.update(&vms, &reading);
                 self.tracer.forget(&forget);
+                Some(reading)
             }
             Err(e) => {
                 self.stats.sample_errors += 1;
                 log::warn!("cannot read CPU time from the tracer: {e}");
+                None
             }
-        }
+        };
+        let energy = self
+            .energy
+            .as_mut()
+            .map(|e| e.step(reading.as_ref(), &vms, &self.ledger));
         self.fold_block_io(&vms);
         let vms = vms
             .iter()
@@ -143,6 +159,7 @@ impl Sampler {
         self.stats.resident_bytes = resident_bytes;
         Snapshot {
             vms,
+            energy,
             block_devices: self.block_io.devices().clone(),
             agent: self.stats.clone(),
         }

@@ -117,12 +117,12 @@ pub fn member_offset_in(
             return Err(BtfError::NotFound { strukt, member });
         }
         pos += match kind {
-            1 | 14 | 17 => 4,                  // INT, VAR, DECL_TAG
-            3 => 12,                           // ARRAY
+            1 | 14 | 17 => 4, // INT, VAR, DECL_TAG
+            3 => 12,          // ARRAY
             KIND_STRUCT | KIND_UNION => vlen * 12,
-            6 | 13 => vlen * 8,                // ENUM, FUNC_PROTO
-            15 | 19 => vlen * 12,              // DATASEC, ENUM64
-            2 | 7..=12 | 16 | 18 => 0,         // PTR, FWD, TYPEDEF.., FUNC, FLOAT, TYPE_TAG
+            6 | 13 => vlen * 8,        // ENUM, FUNC_PROTO
+            15 | 19 => vlen * 12,      // DATASEC, ENUM64
+            2 | 7..=12 | 16 | 18 => 0, // PTR, FWD, TYPEDEF.., FUNC, FLOAT, TYPE_TAG
             _ => return Err(BtfError::Malformed("unknown type kind")),
         };
         if pos > end {
@@ -170,7 +170,10 @@ mod tests {
         for v in [24u32, 0, u32::try_from(types.len()).unwrap()] {
             out.extend_from_slice(&v.to_le_bytes());
         }
-        for v in [u32::try_from(types.len()).unwrap(), u32::try_from(strings.len()).unwrap()] {
+        for v in [
+            u32::try_from(types.len()).unwrap(),
+            u32::try_from(strings.len()).unwrap(),
+        ] {
             out.extend_from_slice(&v.to_le_bytes());
         }
         out.extend_from_slice(&types);
@@ -206,7 +209,11 @@ mod tests {
     fn reads_the_running_kernel() {
         let path = Path::new("/sys/kernel/btf/vmlinux");
         if !path.exists() {
-            assert_ne!(std::env::var("CI").as_deref(), Ok("true"), "CI host has no BTF");
+            assert_ne!(
+                std::env::var("CI").as_deref(),
+                Ok("true"),
+                "CI host has no BTF"
+            );
             eprintln!("SKIPPED reads_the_running_kernel: no {}", path.display());
             return;
         }

@@ -46,7 +46,9 @@ impl Default for TracerOptions {
 /// Why the tracer cannot run; each message names the fix.
 #[derive(Debug, thiserror::Error)]
 pub enum TracerError {
-    #[error("kernel BTF unavailable ({0}); Optimus needs a kernel built with CONFIG_DEBUG_INFO_BTF=y")]
+    #[error(
+        "kernel BTF unavailable ({0}); Optimus needs a kernel built with CONFIG_DEBUG_INFO_BTF=y"
+    )]
     Btf(#[from] btf::BtfError),
     #[error("loading the eBPF programs failed (run as root, or grant CAP_BPF and CAP_PERFMON)")]
     Load(#[source] EbpfError),
@@ -135,8 +137,7 @@ impl Tracer {
     pub fn load(opts: &TracerOptions) -> Result<Self, TracerError> {
         raise_memlock_limit();
         let pid_offset = u64::from(btf::member_offset(&opts.btf_path, "task_struct", "pid")?);
-        let flags_offset =
-            u64::from(btf::member_offset(&opts.btf_path, "task_struct", "flags")?);
+        let flags_offset = u64::from(btf::member_offset(&opts.btf_path, "task_struct", "flags")?);
         let track_all = u32::from(opts.track_all);
         let block_fields = if opts.block_io {
             block_io_fields(&opts.paths)
@@ -266,9 +267,7 @@ impl Tracer {
             if slot.tracked == 0 {
                 continue;
             }
-            let per_cpu = threads
-                .entry(slot.tid)
-                .or_insert_with(|| vec![0; ncpus]);
+            let per_cpu = threads.entry(slot.tid).or_insert_with(|| vec![0; ncpus]);
             if let Some(v) = per_cpu.get_mut(cpu) {
                 *v += at_ns.saturating_sub(slot.since_ns);
             }
@@ -290,13 +289,15 @@ impl Tracer {
     /// The programs' own counters, summed over CPUs.
     pub fn stats(&self) -> Result<TracerStats, TracerError> {
         let per_cpu = self.stats.get(&0, 0).map_err(map_err("STATS", "read"))?;
-        Ok(per_cpu.iter().fold(TracerStats::default(), |a, s| TracerStats {
-            switches: a.switches + s.switches,
-            charged: a.charged + s.charged,
-            dropped: a.dropped + s.dropped,
-            read_errors: a.read_errors + s.read_errors,
-            busy_ns: a.busy_ns + s.busy_ns,
-        }))
+        Ok(per_cpu
+            .iter()
+            .fold(TracerStats::default(), |a, s| TracerStats {
+                switches: a.switches + s.switches,
+                charged: a.charged + s.charged,
+                dropped: a.dropped + s.dropped,
+                read_errors: a.read_errors + s.read_errors,
+                busy_ns: a.busy_ns + s.busy_ns,
+            }))
     }
 
     /// Block I/O counters per (process, cgroup, device, direction), summed over CPUs.
@@ -304,10 +305,12 @@ impl Tracer {
         let mut out = Vec::new();
         for entry in self.block_io.iter() {
             let (key, values) = entry.map_err(map_err("BLOCK_IO", "iterate"))?;
-            let sum = values.iter().fold(BlockIoValue::default(), |a, v| BlockIoValue {
-                bytes: a.bytes + v.bytes,
-                ops: a.ops + v.ops,
-            });
+            let sum = values
+                .iter()
+                .fold(BlockIoValue::default(), |a, v| BlockIoValue {
+                    bytes: a.bytes + v.bytes,
+                    ops: a.ops + v.ops,
+                });
             out.push((key, sum));
         }
         Ok(out)
@@ -340,10 +343,7 @@ fn block_io_fields(paths: &HostPaths) -> Result<(&'static str, [u64; 3]), String
             Ok(f) => {
                 if let [dev, bytes, rwbs] = f[..] {
                     if dev.size == 4 && bytes.size == 4 && rwbs.size >= 8 {
-                        return Ok((
-                            tp,
-                            [dev.offset, bytes.offset, rwbs.offset].map(u64::from),
-                        ));
+                        return Ok((tp, [dev.offset, bytes.offset, rwbs.offset].map(u64::from)));
                     }
                 }
                 why.push(format!("block:{tp} has an unexpected record layout"));
