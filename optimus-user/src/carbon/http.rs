@@ -132,7 +132,7 @@ pub fn base_url_problem(url: &str) -> Option<&'static str> {
         Some("has no host")
     } else if host.contains('@') {
         Some("must not carry credentials")
-    } else if rest.contains(['?', '#']) || rest.chars().any(|c| c.is_whitespace()) {
+    } else if rest.contains(['?', '#']) || rest.chars().any(char::is_whitespace) {
         Some("must not carry a query, a fragment or spaces")
     } else {
         None
@@ -237,9 +237,9 @@ mod tests {
 
     #[test]
     fn body_cap_is_exact() {
-        let at_cap = vec![b'x'; 16];
+        let at_cap = [b'x'; 16];
         assert_eq!(read_capped(&at_cap[..], 16).map(|b| b.len()).ok(), Some(16));
-        let over = vec![b'x'; 17];
+        let over = [b'x'; 17];
         assert_eq!(
             read_capped(&over[..], 16).map_err(|e| e.kind()),
             Err("too_large")

@@ -105,20 +105,28 @@ impl Drop for TestServer {
 fn serve(
     listener: &TcpListener,
     replies: &[Reply],
-    requests: &Mutex<Vec<String>>,
-    stop: &AtomicBool,
+    requests: &Arc<Mutex<Vec<String>>>,
+    stop: &Arc<AtomicBool>,
 ) {
+    // One thread per connection, so a delayed reply does not hold up the next ones.
     let mut next = 0;
+    let mut handlers = Vec::new();
     while !stop.load(Ordering::Relaxed) {
         match listener.accept() {
             Ok((stream, _)) => {
-                let reply = &replies[next.min(replies.len() - 1)];
+                let reply = replies[next.min(replies.len() - 1)].clone();
                 next += 1;
-                answer(stream, reply, requests, stop);
+                let (requests, stop) = (Arc::clone(requests), Arc::clone(stop));
+                handlers.push(thread::spawn(move || {
+                    answer(stream, &reply, &requests, &stop);
+                }));
             }
             Err(e) if e.kind() == ErrorKind::WouldBlock => thread::sleep(Duration::from_millis(5)),
-            Err(_) => return,
+            Err(_) => break,
         }
+    }
+    for handler in handlers {
+        let _ = handler.join();
     }
 }
 
