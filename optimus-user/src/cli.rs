@@ -100,6 +100,54 @@ impl EnergyArgs {
     }
 }
 
+/// Where grid carbon intensity comes from. Nothing set: no carbon metrics (not zeros).
+#[derive(Clone, Debug, Args)]
+pub struct CarbonArgs {
+    /// A fixed grid carbon intensity, grams CO2eq per kWh.
+    #[arg(long, value_name = "G_PER_KWH", group = "carbon_source")]
+    pub carbon_intensity: Option<f64>,
+    /// Electricity Maps zone (e.g. DE, FR, US-CAL-CISO); token from ELECTRICITYMAPS_TOKEN.
+    #[arg(long, value_name = "ZONE", group = "carbon_source")]
+    pub electricitymaps_zone: Option<String>,
+    /// Electricity Maps API base URL.
+    #[arg(long, value_name = "URL", default_value = crate::carbon::DEFAULT_ELECTRICITY_MAPS_URL)]
+    pub electricitymaps_url: String,
+    /// Great Britain's national grid intensity from the UK Carbon Intensity API.
+    #[arg(long, group = "carbon_source")]
+    pub uk_grid: bool,
+    /// UK Carbon Intensity API base URL.
+    #[arg(long, value_name = "URL", default_value = crate::carbon::DEFAULT_UK_GRID_URL)]
+    pub uk_grid_url: String,
+    /// Power usage effectiveness of the data centre (1.0 to 10), multiplies every gram.
+    #[arg(long, default_value = "1.0", value_name = "PUE")]
+    pub pue: f64,
+    /// How often to refresh an API's intensity.
+    #[arg(long, default_value = "5m", value_parser = parse_duration, value_name = "DURATION")]
+    pub carbon_refresh: Duration,
+}
+
+impl CarbonArgs {
+    /// The carbon source's configuration.
+    pub fn config(&self) -> crate::carbon::CarbonConfig {
+        use crate::carbon::CarbonConfig;
+        if let Some(g_per_kwh) = self.carbon_intensity {
+            CarbonConfig::Static { g_per_kwh }
+        } else if let Some(zone) = &self.electricitymaps_zone {
+            CarbonConfig::ElectricityMaps {
+                zone: zone.clone(),
+                token: crate::carbon::token_from_env(),
+                base_url: self.electricitymaps_url.clone(),
+            }
+        } else if self.uk_grid {
+            CarbonConfig::UkGrid {
+                base_url: self.uk_grid_url.clone(),
+            }
+        } else {
+            CarbonConfig::None
+        }
+    }
+}
+
 /// Flags of `optimus check`.
 #[derive(Clone, Debug, Args)]
 pub struct CheckArgs {
@@ -128,6 +176,8 @@ pub struct RunArgs {
     pub no_block_io: bool,
     #[command(flatten)]
     pub energy: EnergyArgs,
+    #[command(flatten)]
+    pub carbon: CarbonArgs,
     /// Spread idle energy over running VMs: by vCPU count, by memory size, or not at all.
     #[arg(long, value_enum, default_value = "none")]
     pub idle_policy: crate::attribution::IdlePolicy,
@@ -216,5 +266,27 @@ mod tests {
         assert_eq!(args.listen.port(), 9947);
         assert_eq!(args.interval, Duration::from_secs(1));
         assert_eq!(args.host.libvirt().as_deref(), Some("qemu:///system"));
+        assert_eq!(args.carbon.config(), crate::carbon::CarbonConfig::None);
+    }
+
+    #[test]
+    fn one_carbon_source_at_a_time() {
+        let parse = |extra: &[&str]| {
+            let mut argv = vec!["optimus", "run"];
+            argv.extend_from_slice(extra);
+            Cli::try_parse_from(argv)
+        };
+        assert!(parse(&["--carbon-intensity", "200", "--uk-grid"]).is_err());
+        let Ok(Cli {
+            command: Some(Command::Run(args)),
+            ..
+        }) = parse(&["--electricitymaps-zone", "DE"])
+        else {
+            panic!("did not parse");
+        };
+        assert!(matches!(
+            args.carbon.config(),
+            crate::carbon::CarbonConfig::ElectricityMaps { zone, .. } if zone == "DE"
+        ));
     }
 }

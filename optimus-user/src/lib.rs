@@ -8,6 +8,7 @@
 //! - [`check`]: `optimus check`, what works on this host and what does not.
 
 pub mod attribution;
+pub mod carbon;
 pub mod check;
 pub mod cli;
 pub mod discovery;

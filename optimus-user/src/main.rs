@@ -10,6 +10,7 @@ use clap::Parser as _;
 use optimus::cli::{Cli, Command, RunArgs};
 use optimus::discovery::Discovery;
 use optimus::energy::EnergyMeters;
+use optimus::sampler::carbon::CarbonState;
 use optimus::sampler::energy::EnergyState;
 use optimus::sampler::{self, Sampler, Snapshot};
 use optimus::tracer::{BlockIoStatus, Tracer, TracerOptions};
@@ -76,7 +77,21 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
         optimus::energy::package_of_cpus(&paths.sys, ncpus),
         args.idle_policy,
     );
-    let sampler = Sampler::new(discovery, tracer, Some(energy), paths);
+    let pue = optimus::carbon::check_pue(args.carbon.pue).map_err(anyhow::Error::msg)?;
+    let carbon_cfg = args.carbon.config();
+    let carbon = if carbon_cfg == optimus::carbon::CarbonConfig::None {
+        log::info!("no carbon intensity configured (--carbon-intensity, --electricitymaps-zone or --uk-grid): no carbon metrics");
+        None
+    } else {
+        let source = optimus::carbon::CarbonSource::start(
+            carbon_cfg,
+            args.carbon.carbon_refresh,
+            optimus::carbon::DEFAULT_TIMEOUT,
+        )
+        .context("configuring the carbon intensity source")?;
+        Some(CarbonState::new(source, pue))
+    };
+    let sampler = Sampler::new(discovery, tracer, Some(energy), carbon, paths);
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)

@@ -11,8 +11,8 @@ use std::time::Duration;
 use common::{assert_close, Agent};
 use optimus_tests::guest::{GuestImage, GuestPlan, IoPlan, IO_READ_DONE_MARKER, READY_MARKER};
 use optimus_tests::http::sample;
-use optimus_tests::prometheus::promtool_check;
 use optimus_tests::proc::{block_dev_of, block_stat_sectors, proc_io};
+use optimus_tests::prometheus::promtool_check;
 use optimus_tests::qemu::PlainQemu;
 
 const MIB: f64 = 1024.0 * 1024.0;
@@ -24,8 +24,7 @@ fn f(v: u64) -> f64 {
 
 #[test]
 fn guest_direct_io_matches_proc_io_and_block_stat() {
-    if optimus_tests::env::require_root("guest_direct_io_matches_proc_io_and_block_stat").is_err()
-    {
+    if optimus_tests::env::require_root("guest_direct_io_matches_proc_io_and_block_stat").is_err() {
         return;
     }
     let image = GuestImage::ensure().unwrap();
@@ -74,15 +73,18 @@ fn guest_direct_io_matches_proc_io_and_block_stat() {
     promtool_check(&m1).unwrap();
 
     let exported = |m: &str, d| sample(m, "optimus_vm_block_io_bytes_total", &labels(d)).unwrap();
-    let ops = |m: &str, d| {
-        sample(m, "optimus_vm_block_io_operations_total", &labels(d)).unwrap()
-    };
+    let ops = |m: &str, d| sample(m, "optimus_vm_block_io_operations_total", &labels(d)).unwrap();
     let (w, r) = (
         exported(&m1, "write") - exported(&m0, "write"),
         exported(&m1, "read") - exported(&m0, "read"),
     );
     // The kernel's per-process accounting of the same QEMU process.
-    assert_close("VM write bytes vs /proc/<pid>/io", w, f(io1.1 - io0.1), 0.01);
+    assert_close(
+        "VM write bytes vs /proc/<pid>/io",
+        w,
+        f(io1.1 - io0.1),
+        0.01,
+    );
     assert_close("VM read bytes vs /proc/<pid>/io", r, f(io1.0 - io0.0), 0.01);
     assert!(w >= 48.0 * MIB && r >= 32.0 * MIB, "write {w} read {r}");
     assert!(ops(&m1, "write") - ops(&m0, "write") >= 1.0);

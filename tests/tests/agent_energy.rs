@@ -151,6 +151,10 @@ fn powercap_fixture_exact_joules_wrap_unavailable_and_guest_share() {
         "--no-nvml",
         "--powercap-root",
         powercap.to_str().unwrap(),
+        "--carbon-intensity",
+        "300",
+        "--pue",
+        "1.5",
     ]);
     let steps = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
@@ -183,7 +187,11 @@ fn powercap_fixture_exact_joules_wrap_unavailable_and_guest_share() {
         sample(
             m,
             "optimus_vm_energy_joules_total",
-            &[("vm_uuid", uuid), ("zone", "package"), ("source", "rapl-powercap")],
+            &[
+                ("vm_uuid", uuid),
+                ("zone", "package"),
+                ("source", "rapl-powercap"),
+            ],
         )
         .unwrap()
     };
@@ -195,6 +203,32 @@ fn powercap_fixture_exact_joules_wrap_unavailable_and_guest_share() {
         de * dcpu / (ncpus() * dt),
         0.02,
     );
+    // Carbon: the VM's package + dram joules at 300 g/kWh and PUE 1.5.
+    let vm_zone = |m: &str, zone| {
+        sample(
+            m,
+            "optimus_vm_energy_joules_total",
+            &[("vm_uuid", uuid), ("zone", zone)],
+        )
+        .unwrap_or(0.0)
+    };
+    let grams = |m: &str| sample(m, "optimus_vm_carbon_grams_total", &[("vm_uuid", uuid)]).unwrap();
+    let dj = vm_zone(&m1, "package") - vm_zone(&m0, "package") + vm_zone(&m1, "dram")
+        - vm_zone(&m0, "dram");
+    assert_close(
+        "VM grams CO2eq vs its joules x 300 g/kWh x PUE 1.5",
+        grams(&m1) - grams(&m0),
+        dj / 3.6e6 * 300.0 * 1.5,
+        1e-6,
+    );
+    assert_eq!(
+        sample(
+            &m1,
+            "optimus_grid_carbon_intensity_grams_per_kwh",
+            &[("source", "static")]
+        ),
+        Some(300.0)
+    );
     promtool_check(&m1).unwrap();
     for zone in ["package", "dram"] {
         assert_conservation(&m1, zone);
@@ -205,20 +239,22 @@ fn powercap_fixture_exact_joules_wrap_unavailable_and_guest_share() {
         &[("zone", "package")],
     )
     .unwrap();
-    assert!(wraps >= 1.0, "the package counter wrapped but wraps = {wraps}");
+    assert!(
+        wraps >= 1.0,
+        "the package counter wrapped but wraps = {wraps}"
+    );
 
     // An unreadable zone: reported unavailable, its energy series absent (never 0 W).
     dram_broken.store(true, Ordering::Relaxed);
     let writer_dram = root.path().join("intel-rapl:0/intel-rapl:0:0");
     std::fs::write(writer_dram.join("energy_uj"), "garbage\n").unwrap();
     let m = agent.wait_for(Duration::from_secs(5), "dram to be unavailable", |m| {
-        sample(
-            m,
-            "optimus_node_energy_zone_available",
-            &[("zone", "dram")],
-        ) == Some(0.0)
+        sample(m, "optimus_node_energy_zone_available", &[("zone", "dram")]) == Some(0.0)
     });
-    assert!(node(&m, "dram").is_none(), "unavailable dram still exported");
+    assert!(
+        node(&m, "dram").is_none(),
+        "unavailable dram still exported"
+    );
     assert!(
         sample(&m, "optimus_node_power_watts", &[("zone", "dram")]).is_none(),
         "unavailable dram exported a power"

@@ -14,6 +14,7 @@ use prometheus_client::registry::{Registry, Unit};
 
 use crate::discovery::VmId;
 use crate::sampler::blockio::{direction_label, DeviceIo};
+use crate::sampler::carbon::CarbonSnapshot;
 use crate::sampler::cpu::KINDS;
 use crate::sampler::energy::{EnergySnapshot, NodeZone};
 use crate::sampler::{SharedSnapshot, Snapshot};
@@ -277,6 +278,9 @@ impl Collector for SnapshotCollector {
         if let Some(e) = &s.energy {
             encode_energy(&mut enc, s, e)?;
         }
+        if let Some(c) = &s.carbon {
+            encode_carbon(&mut enc, s, c)?;
+        }
 
         gauges(
             &mut enc,
@@ -457,5 +461,49 @@ fn encode_energy(enc: &mut DescriptorEncoder, s: &Snapshot, e: &EnergySnapshot) 
         "Average power attributed to a VM over the last sampling interval per zone and source",
         Some(&Unit::Other("watts".into())),
         rows.iter().map(|(l, _, w)| (borrowed(l), *w)),
+    )
+}
+
+fn encode_carbon(enc: &mut DescriptorEncoder, s: &Snapshot, c: &CarbonSnapshot) -> fmt::Result {
+    gauges(
+        enc,
+        "optimus_grid_carbon_intensity_grams_per_kwh",
+        "Grid carbon intensity in force, grams CO2eq per kWh (static, electricitymaps or ukgrid)",
+        None,
+        c.intensity
+            .iter()
+            .map(|(g, zone, source)| ([("zone", zone.as_str()), ("source", *source)], *g)),
+    )?;
+    gauges(
+        enc,
+        "optimus_grid_carbon_intensity_age",
+        "Time since the intensity in force was fetched; it is kept when a refresh fails",
+        Some(&Unit::Seconds),
+        c.intensity
+            .iter()
+            .zip(c.age_seconds)
+            .map(|((_, zone, source), age)| ([("zone", zone.as_str()), ("source", *source)], age)),
+    )?;
+    counters(
+        enc,
+        "optimus_grid_carbon_intensity_errors",
+        "Failed refreshes of the carbon intensity, by kind",
+        None,
+        c.errors
+            .iter()
+            .map(|(kind, n)| ([("kind", *kind)], count(*n))),
+    )?;
+    counters(
+        enc,
+        "optimus_vm_carbon_grams",
+        "Grams CO2eq of a VM's energy (package + dram + gpu zones) at the intensity in force during each interval, times the PUE",
+        None,
+        s.vms.iter().filter_map(|vm| {
+            let g = c.vm_grams.get(&vm.id)?;
+            Some((
+                [("vm_name", vm.id.name.as_str()), ("vm_uuid", vm.id.uuid.as_str())],
+                *g,
+            ))
+        }),
     )
 }

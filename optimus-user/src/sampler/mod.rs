@@ -4,6 +4,7 @@
 //! never advance a counter twice.
 
 pub mod blockio;
+pub mod carbon;
 pub mod cpu;
 pub mod energy;
 
@@ -53,6 +54,8 @@ pub struct AgentStats {
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Snapshot {
     pub vms: Vec<VmSnapshot>,
+    /// Grid intensity and grams per VM; `None` when no intensity source is configured.
+    pub carbon: Option<carbon::CarbonSnapshot>,
     /// Node energy, attribution and meter status; `None` with `--no-energy`.
     pub energy: Option<energy::EnergySnapshot>,
     /// Block I/O per (device, `BLOCK_DIR_*`); empty when block I/O is not traced.
@@ -79,6 +82,7 @@ pub struct Sampler {
     tracer: Tracer,
     ledger: cpu::CpuLedger,
     energy: Option<energy::EnergyState>,
+    carbon: Option<carbon::CarbonState>,
     block_io: BlockIoLedger,
     /// QEMU pid → VM, from the last two scans (a QEMU that exited since still has I/O to
     /// fold in).
@@ -92,6 +96,7 @@ impl Sampler {
         discovery: Discovery,
         tracer: Tracer,
         energy: Option<energy::EnergyState>,
+        carbon: Option<carbon::CarbonState>,
         paths: HostPaths,
     ) -> Self {
         Self {
@@ -99,6 +104,7 @@ impl Sampler {
             tracer,
             ledger: cpu::CpuLedger::default(),
             energy,
+            carbon,
             block_io: BlockIoLedger::default(),
             vm_pids: HashMap::new(),
             paths,
@@ -134,6 +140,10 @@ impl Sampler {
             .energy
             .as_mut()
             .map(|e| e.step(reading.as_ref(), &vms, &self.ledger));
+        let carbon = match (&mut self.carbon, &energy) {
+            (Some(c), Some(e)) => Some(c.step(&e.vm_interval_joules)),
+            _ => None,
+        };
         self.fold_block_io(&vms);
         let vms = vms
             .iter()
@@ -160,6 +170,7 @@ impl Sampler {
         Snapshot {
             vms,
             energy,
+            carbon,
             block_devices: self.block_io.devices().clone(),
             agent: self.stats.clone(),
         }
