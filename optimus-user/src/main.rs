@@ -39,6 +39,13 @@ fn main() -> ExitCode {
 }
 
 fn run(args: &RunArgs) -> anyhow::Result<()> {
+    // Settings first: a typo costs nothing to report, before anything is loaded.
+    let pue = optimus::carbon::check_pue(args.carbon.pue)
+        .map_err(|e| anyhow::anyhow!("{e}: pass --pue between 1.0 and 10"))?;
+    let carbon_cfg = args.carbon.config();
+    carbon_cfg
+        .validate()
+        .map_err(|e| anyhow::anyhow!("{e}: fix the carbon intensity flags"))?;
     // SAFETY: geteuid has no preconditions.
     let euid = unsafe { libc::geteuid() };
     let caps = std::fs::read_to_string("/proc/self/status")
@@ -77,8 +84,6 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
         optimus::energy::package_of_cpus(&paths.sys, ncpus),
         args.idle_policy,
     );
-    let pue = optimus::carbon::check_pue(args.carbon.pue).map_err(anyhow::Error::msg)?;
-    let carbon_cfg = args.carbon.config();
     let carbon = if carbon_cfg == optimus::carbon::CarbonConfig::None {
         log::info!("no carbon intensity configured (--carbon-intensity, --electricitymaps-zone or --uk-grid): no carbon metrics");
         None

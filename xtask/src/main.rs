@@ -15,7 +15,11 @@ mod tasks;
 mod ws;
 
 #[derive(Parser)]
-#[command(name = "cargo xtask", about = "Build, run and test Optimus")]
+#[command(
+    name = "xtask",
+    bin_name = "cargo xtask",
+    about = "Build, run and test Optimus"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -53,6 +57,7 @@ enum Command {
     Lint,
     /// Boot a small libvirt guest (vCPU 0 busy, vCPU 1 idle) and keep it until Ctrl-C.
     DemoVm {
+        /// libvirt domain name.
         #[arg(long, default_value = demo::DEFAULT_NAME)]
         name: String,
         /// Leave it running after xtask exits.

@@ -250,7 +250,7 @@ impl Collector for SnapshotCollector {
         counters(
             &mut enc,
             "optimus_node_block_io_unattributed",
-            "Block I/O bytes submitted by kernel threads (e.g. writeback) or by processes gone before they were identified",
+            "Block I/O bytes submitted by kernel threads (buffered writeback, journal): no process to charge",
             Some(&Unit::Bytes),
             bytes_dirs().map(|(dev, dir, io)| {
                 ([("device", *dev), ("direction", *dir)], count(io.unattributed.bytes))
@@ -507,3 +507,6 @@ fn encode_carbon(enc: &mut DescriptorEncoder, s: &Snapshot, c: &CarbonSnapshot) 
         }),
     )
 }
+
+#[cfg(test)]
+mod tests;
