@@ -174,6 +174,9 @@ pub struct RunArgs {
     /// Do not trace block I/O.
     #[arg(long)]
     pub no_block_io: bool,
+    /// Also attach an empty sched_switch program (the baseline of `cargo xtask bench`).
+    #[arg(long, hide = true)]
+    pub bench_baseline: bool,
     #[command(flatten)]
     pub energy: EnergyArgs,
     #[command(flatten)]

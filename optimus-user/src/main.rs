@@ -61,6 +61,7 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
     let tracer = Tracer::load(&TracerOptions {
         track_all: args.track_all,
         block_io: !args.no_block_io,
+        attach_baseline: args.bench_baseline,
         paths: paths.clone(),
         ..TracerOptions::default()
     })

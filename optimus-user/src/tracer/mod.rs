@@ -27,6 +27,9 @@ pub struct TracerOptions {
     pub track_all: bool,
     /// Attach the block I/O program too.
     pub block_io: bool,
+    /// Also attach an empty program to `sched_switch`: the baseline `cargo xtask bench`
+    /// compares the tracer's per-event cost against.
+    pub attach_baseline: bool,
     /// Kernel BTF, normally `/sys/kernel/btf/vmlinux`.
     pub btf_path: PathBuf,
     pub paths: HostPaths,
@@ -37,6 +40,7 @@ impl Default for TracerOptions {
         Self {
             track_all: false,
             block_io: true,
+            attach_baseline: false,
             btf_path: PathBuf::from("/sys/kernel/btf/vmlinux"),
             paths: HostPaths::default(),
         }
@@ -163,6 +167,13 @@ impl Tracer {
         prog.load().map_err(prog_err("sched_switch", "load"))?;
         prog.attach("sched_switch")
             .map_err(prog_err("sched_switch", "attach"))?;
+
+        if opts.attach_baseline {
+            let prog: &mut RawTracePoint = program(&mut ebpf, "sched_switch_empty")?;
+            prog.load().map_err(prog_err("sched_switch_empty", "load"))?;
+            prog.attach("sched_switch")
+                .map_err(prog_err("sched_switch_empty", "attach"))?;
+        }
 
         let block_status = match block_fields {
             Ok((tracepoint, _)) if opts.block_io => {
