@@ -98,6 +98,10 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
         Some(CarbonState::new(source, pue))
     };
     let sampler = Sampler::new(discovery, tracer, Some(energy), carbon, paths);
+    // Loading parsed the kernel's BTF (megabytes) twice, ours and aya's; hand the freed
+    // heap back to the kernel instead of keeping it resident for the agent's lifetime.
+    // SAFETY: malloc_trim only releases free memory of glibc's allocator.
+    unsafe { libc::malloc_trim(0) };
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)

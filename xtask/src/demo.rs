@@ -20,8 +20,8 @@ pub enum While<'a> {
     Running(&'a mut dyn FnMut() -> Result<()>),
 }
 
-/// Boots the demo guest, then does `what`. Call with the termination signals blocked
-/// ([`signals::block`]) so Ctrl-C during boot cannot skip the cleanup.
+/// Boots the demo guest, then does `what`. Call with the termination signals caught
+/// ([`signals::catch`]) so Ctrl-C during boot cannot skip the cleanup.
 pub fn with_demo_vm(name: &str, what: While<'_>) -> Result<()> {
     println!("demo: starting libvirtd…");
     let libvirtd = Libvirtd::start().context("starting libvirtd for the demo VM")?;
@@ -67,7 +67,7 @@ pub fn with_demo_vm(name: &str, what: While<'_>) -> Result<()> {
 
 /// `cargo xtask demo-vm`: boots the guest and keeps it until Ctrl-C (or `--keep`: for good).
 pub fn demo_vm(name: &str, keep: bool) -> Result<()> {
-    let blocked = signals::block()?;
+    let signals = signals::catch()?;
     if keep {
         return with_demo_vm(name, While::Keep);
     }
@@ -75,7 +75,7 @@ pub fn demo_vm(name: &str, keep: bool) -> Result<()> {
         name,
         While::Running(&mut || {
             println!("demo: press Ctrl-C to stop it");
-            blocked.wait().map(drop)
+            signals.wait().map(drop)
         }),
     )
 }

@@ -43,6 +43,9 @@ enum Command {
         /// Boot the demo guest first and destroy it when the agent exits.
         #[arg(long)]
         demo_vm: bool,
+        /// libvirt domain name of the demo guest.
+        #[arg(long, requires = "demo_vm", default_value = demo::DEFAULT_NAME)]
+        vm_name: String,
         /// Arguments for `optimus run`.
         #[arg(last = true)]
         args: Vec<OsString>,
@@ -86,7 +89,11 @@ fn dispatch(command: Command) -> Result<ExitCode> {
     match command {
         Command::Setup { purpose } => setup::ensure(purpose).map(|_| ExitCode::SUCCESS),
         Command::Build { release } => tasks::build(release).map(|()| ExitCode::SUCCESS),
-        Command::Run { demo_vm, args } => tasks::run(demo_vm, &args),
+        Command::Run {
+            demo_vm,
+            vm_name,
+            args,
+        } => tasks::run(demo_vm.then_some(vm_name.as_str()), &args),
         Command::Test { args } => tasks::test(&args),
         Command::Lint => tasks::lint(),
         Command::DemoVm { name, keep } => {

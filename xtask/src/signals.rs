@@ -66,7 +66,7 @@ pub fn catch() -> Result<Catcher> {
     for signal in SIGNALS {
         // SAFETY: an all-zero sigaction is a valid starting value (empty mask, no flags).
         let mut action: libc::sigaction = unsafe { std::mem::zeroed() };
-        action.sa_sigaction = on_signal as libc::sighandler_t;
+        action.sa_sigaction = (on_signal as *const ()).addr();
         action.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART;
         // SAFETY: `action` is initialised and `on_signal` only does async-signal-safe work;
         // a null old-action pointer is allowed.

@@ -48,9 +48,14 @@ pub fn build(release: bool) -> Result<()> {
     Ok(())
 }
 
-/// `cargo xtask run [--demo-vm] [-- ARGS]`: the release agent in the foreground.
-pub fn run(demo_vm: bool, args: &[OsString]) -> Result<ExitCode> {
-    let purpose = if demo_vm { Purpose::Demo } else { Purpose::Run };
+/// `cargo xtask run [--demo-vm [--vm-name NAME]] [-- ARGS]`: the release agent in the
+/// foreground, with the demo guest named `demo_vm` booted around it if given.
+pub fn run(demo_vm: Option<&str>, args: &[OsString]) -> Result<ExitCode> {
+    let purpose = if demo_vm.is_some() {
+        Purpose::Demo
+    } else {
+        Purpose::Run
+    };
     let ready = setup::ensure(purpose)?;
     let bin = build_agent(&ready, true)?;
     let agent = || {
@@ -61,16 +66,16 @@ pub fn run(demo_vm: bool, args: &[OsString]) -> Result<ExitCode> {
         );
         cmd
     };
-    if !demo_vm {
+    let Some(vm_name) = demo_vm else {
         // Replacing xtask leaves the terminal's signals to the agent alone.
         return Err(agent().exec()).context("starting the agent");
-    }
-    let blocked = signals::block()?;
+    };
+    let signals = signals::catch()?;
     let mut code = ExitCode::FAILURE;
     demo::with_demo_vm(
-        demo::DEFAULT_NAME,
+        vm_name,
         While::Running(&mut || {
-            let status = run_forwarding(agent(), blocked)?;
+            let status = run_forwarding(agent(), signals.clone())?;
             println!("agent exited ({status})");
             code = exit_code(status);
             Ok(())
@@ -79,16 +84,16 @@ pub fn run(demo_vm: bool, args: &[OsString]) -> Result<ExitCode> {
     Ok(code)
 }
 
-/// Runs `cmd` while xtask holds the termination signals blocked, passing to the child those
-/// it did not get itself: the terminal's Ctrl-C already reaches the whole process group.
-fn run_forwarding(cmd: Cmd, blocked: signals::Blocked) -> Result<ExitStatus> {
+/// Runs `cmd` while xtask catches the termination signals, passing to the child those it
+/// did not get itself: the terminal's Ctrl-C already reaches the whole process group.
+fn run_forwarding(cmd: Cmd, signals: signals::Catcher) -> Result<ExitStatus> {
     let (shown, mut child) = cmd.spawn()?;
     let pid = child.id();
     let done = Arc::new(AtomicBool::new(false));
     let done_in_thread = Arc::clone(&done);
-    // Never joined: it sits in sigwaitinfo until the process exits.
+    // Never joined: it sits on the signal pipe until the process exits.
     std::thread::spawn(move || {
-        while let Ok(caught) = blocked.wait() {
+        while let Ok(caught) = signals.wait() {
             if done_in_thread.load(Ordering::SeqCst) {
                 break;
             }
