@@ -23,7 +23,7 @@ pub enum While<'a> {
 /// Boots the demo guest, then does `what`. Call with the termination signals caught
 /// ([`signals::catch`]) so Ctrl-C during boot cannot skip the cleanup.
 pub fn with_demo_vm(name: &str, what: While<'_>) -> Result<()> {
-    println!("demo: starting libvirtd…");
+    println!("demo: starting libvirtd (or reusing a running one)…");
     let libvirtd = Libvirtd::start().context("starting libvirtd for the demo VM")?;
     println!("demo: preparing the guest image (kernel + busybox initramfs)…");
     let image = GuestImage::ensure().context("preparing the demo guest image")?;

@@ -170,7 +170,8 @@ impl Tracer {
 
         if opts.attach_baseline {
             let prog: &mut RawTracePoint = program(&mut ebpf, "sched_switch_empty")?;
-            prog.load().map_err(prog_err("sched_switch_empty", "load"))?;
+            prog.load()
+                .map_err(prog_err("sched_switch_empty", "load"))?;
             prog.attach("sched_switch")
                 .map_err(prog_err("sched_switch_empty", "attach"))?;
         }

@@ -10,6 +10,7 @@
 use std::fs::File;
 use std::os::unix::io::AsRawFd;
 use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt as _;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -257,7 +258,12 @@ fn spawn_logged(program: &str, log: &Path) -> anyhow::Result<ChildGuard> {
         .try_clone()
         .with_context(|| format!("dup {}", log.display()))?;
     let mut cmd = Command::new(program);
-    cmd.stdin(Stdio::null()).stdout(out).stderr(err);
+    // Own process group: a terminal Ctrl-C meant for the test or demo must not kill the
+    // daemons before the guards have destroyed their domains.
+    cmd.stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .process_group(0);
     ChildGuard::spawn(cmd)
 }
 
