@@ -62,8 +62,8 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
         track_all: args.track_all,
         block_io: !args.no_block_io,
         attach_baseline: args.bench_baseline,
+        btf_path: paths.sys.join("kernel/btf/vmlinux"),
         paths: paths.clone(),
-        ..TracerOptions::default()
     })
     .context("starting the eBPF tracer (see `optimus check`)")?;
     match tracer.block_io_status() {

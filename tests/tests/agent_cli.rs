@@ -37,6 +37,35 @@ fn bad_flags_say_what_is_wrong() {
 }
 
 #[test]
+fn not_root_and_no_btf_say_why_and_how_to_fix() {
+    if optimus_tests::env::require_root("not_root_and_no_btf_say_why").is_err() {
+        return;
+    }
+    // As nobody, without capabilities.
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"])
+        .arg(binary())
+        .args(["run", "--libvirt-uri", ""])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("needs root") && err.contains("sudo"), "{err}");
+    // A sysfs root without BTF.
+    let empty = tempfile::tempdir().unwrap();
+    let (code, _, err) = run(&[
+        "run",
+        "--libvirt-uri",
+        "",
+        "--sys-root",
+        empty.path().to_str().unwrap(),
+    ]);
+    assert_ne!(code, 0);
+    assert!(err.contains("CONFIG_DEBUG_INFO_BTF"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
 fn port_in_use_is_one_line_with_the_fix() {
     if optimus_tests::env::require_root("port_in_use_is_one_line_with_the_fix").is_err() {
         return;
