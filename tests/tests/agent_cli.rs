@@ -43,7 +43,12 @@ fn not_root_and_no_btf_say_why_and_how_to_fix() {
     }
     // As nobody, without capabilities.
     let out = Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"])
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+        ])
         .arg(binary())
         .args(["run", "--libvirt-uri", ""])
         .output()

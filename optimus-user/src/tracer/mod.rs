@@ -50,9 +50,7 @@ impl Default for TracerOptions {
 /// Why the tracer cannot run; each message names the fix.
 #[derive(Debug, thiserror::Error)]
 pub enum TracerError {
-    #[error(
-        "kernel BTF unavailable ({0}); Optimus needs a kernel built with CONFIG_DEBUG_INFO_BTF=y"
-    )]
+    #[error("kernel BTF unavailable (Optimus needs a kernel built with CONFIG_DEBUG_INFO_BTF=y)")]
     Btf(#[from] btf::BtfError),
     #[error("loading the eBPF programs failed (run as root, or grant CAP_BPF and CAP_PERFMON)")]
     Load(#[source] EbpfError),
