@@ -13,7 +13,7 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::{Registry, Unit};
 
 use crate::discovery::VmId;
-use crate::sampler::blockio::{direction_label, DeviceIo};
+use crate::sampler::blockio::{direction_label, DeviceIo, Io};
 use crate::sampler::carbon::CarbonSnapshot;
 use crate::sampler::cpu::KINDS;
 use crate::sampler::energy::{EnergySnapshot, NodeZone};
@@ -193,42 +193,37 @@ impl Collector for SnapshotCollector {
             }),
         )?;
 
-        let dirs = ["read", "write"];
+        // One series per VM and direction, valued by `pick` (bytes or operations).
+        let vm_io = |pick: fn(&Io) -> u64| {
+            s.vms.iter().flat_map(move |vm| {
+                ["read", "write"]
+                    .into_iter()
+                    .zip(vm.block_io)
+                    .map(move |(dir, io)| {
+                        (
+                            [
+                                ("vm_name", vm.id.name.as_str()),
+                                ("vm_uuid", vm.id.uuid.as_str()),
+                                ("direction", dir),
+                            ],
+                            count(pick(&io)),
+                        )
+                    })
+            })
+        };
         counters(
             &mut enc,
             "optimus_vm_block_io",
             "Block I/O submitted by a VM's QEMU process, from eBPF block tracepoints",
             Some(&Unit::Bytes),
-            s.vms.iter().flat_map(|vm| {
-                dirs.iter().zip(vm.block_io).map(|(dir, io)| {
-                    (
-                        [
-                            ("vm_name", vm.id.name.as_str()),
-                            ("vm_uuid", vm.id.uuid.as_str()),
-                            ("direction", *dir),
-                        ],
-                        count(io.bytes),
-                    )
-                })
-            }),
+            vm_io(|io| io.bytes),
         )?;
         counters(
             &mut enc,
             "optimus_vm_block_io_operations",
             "Block I/O requests submitted by a VM's QEMU process",
             None,
-            s.vms.iter().flat_map(|vm| {
-                dirs.iter().zip(vm.block_io).map(|(dir, io)| {
-                    (
-                        [
-                            ("vm_name", vm.id.name.as_str()),
-                            ("vm_uuid", vm.id.uuid.as_str()),
-                            ("direction", *dir),
-                        ],
-                        count(io.ops),
-                    )
-                })
-            }),
+            vm_io(|io| io.ops),
         )?;
         let devices: Vec<(&str, &str, &DeviceIo)> = s
             .block_devices
