@@ -45,7 +45,15 @@ pub struct ProcScanner {
     proc: PathBuf,
     /// pid → comm it had when its command line showed it is not QEMU.
     not_qemu: HashMap<u32, Vec<u8>>,
+    /// QEMU pid → its parsed command line (it never changes while the process lives).
+    qemu_args: HashMap<u32, QemuArgs>,
+    /// QEMU pid → its threads' kinds, and how many scans each has been seen in.
+    threads: HashMap<u32, HashMap<u32, (ThreadKind, u8)>>,
 }
+
+/// Scans during which a new thread's `comm` is re-read: QEMU names a thread just after
+/// creating it, so the first read can still show the process name.
+const SETTLE_SCANS: u8 = 3;
 
 /// A top-level process of interest found by one pass over `<proc>`.
 enum Found {
@@ -66,6 +74,8 @@ impl ProcScanner {
         Self {
             proc,
             not_qemu: HashMap::new(),
+            qemu_args: HashMap::new(),
+            threads: HashMap::new(),
         }
     }
 
@@ -97,6 +107,8 @@ impl ProcScanner {
             }
         }
         self.not_qemu.retain(|pid, _| seen.contains(pid));
+        self.qemu_args.retain(|pid, _| seen.contains(pid));
+        self.threads.retain(|pid, _| seen.contains(pid));
 
         let mut vms = Vec::new();
         let mut vhost = Vec::new();
@@ -126,10 +138,17 @@ impl ProcScanner {
         if !qemu_comm && self.not_qemu.get(&pid) == Some(&comm) {
             return None;
         }
+        if let Some(args) = self.qemu_args.get(&pid) {
+            return Some(Found::Qemu {
+                pid,
+                args: args.clone(),
+            });
+        }
         let raw = read_or_skip(&dir.join("cmdline"), fs::read)?;
         let args = cmdline::parse_qemu_cmdline(&raw);
-        if args.is_some() {
+        if let Some(a) = &args {
             self.not_qemu.remove(&pid);
+            self.qemu_args.insert(pid, a.clone());
         } else if !qemu_comm {
             // A QEMU-like comm is re-checked every scan anyway: there are few of them.
             self.not_qemu.insert(pid, comm);
@@ -138,9 +157,11 @@ impl ProcScanner {
     }
 
     /// The VM run by QEMU process `pid`, or `None` if it exited meanwhile.
-    fn read_vm(&self, pid: u32, args: QemuArgs) -> Option<Vm> {
+    fn read_vm(&mut self, pid: u32, args: QemuArgs) -> Option<Vm> {
         let task = self.proc.join(pid.to_string()).join("task");
         let entries = read_or_skip(&task, fs::read_dir)?;
+        let known = self.threads.remove(&pid).unwrap_or_default();
+        let mut now_known = HashMap::with_capacity(known.len());
         let mut threads = Vec::new();
         for entry in entries {
             let Ok(entry) = entry else { continue };
@@ -151,20 +172,32 @@ impl ProcScanner {
             else {
                 continue;
             };
-            let Some(comm) = read_or_skip(&entry.path().join("comm"), read_comm) else {
-                continue;
-            };
-            // The main thread runs QEMU's main loop whatever `process=` renamed it to.
-            let kind = if tid == pid {
-                ThreadKind::Emulator
-            } else {
-                classify_thread(&comm)
+            // A settled thread's kind is remembered: no read per thread per scan.
+            let kind = match known.get(&tid) {
+                Some(&(kind, seen)) if seen >= SETTLE_SCANS => {
+                    now_known.insert(tid, (kind, seen));
+                    kind
+                }
+                prior => {
+                    let Some(comm) = read_or_skip(&entry.path().join("comm"), read_comm) else {
+                        continue;
+                    };
+                    // The main thread runs QEMU's main loop whatever `process=` renamed it to.
+                    let kind = if tid == pid {
+                        ThreadKind::Emulator
+                    } else {
+                        classify_thread(&comm)
+                    };
+                    now_known.insert(tid, (kind, prior.map_or(1, |p| p.1 + 1)));
+                    kind
+                }
             };
             threads.push(VmThread { tid, kind });
         }
         if threads.is_empty() {
             return None;
         }
+        self.threads.insert(pid, now_known);
         threads.sort_by_key(|t| t.tid);
         Some(Vm {
             id: VmId {

@@ -147,7 +147,10 @@ impl Tracer {
             Err(String::new())
         };
         let mut loader = EbpfLoader::new();
+        // No CO-RE relocations to resolve (offsets come in as globals), so aya need not
+        // parse the kernel's BTF: that parse was most of the agent's peak memory.
         loader
+            .btf(None)
             .override_global("TRACK_ALL", &track_all, true)
             .override_global("TASK_PID_OFFSET", &pid_offset, true)
             .override_global("TASK_FLAGS_OFFSET", &flags_offset, true);
