@@ -4,9 +4,10 @@
 use std::ffi::OsString;
 use std::process::ExitCode;
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use clap::{Parser, Subcommand};
 
+mod bench;
 mod cmd;
 mod demo;
 mod setup;
@@ -67,8 +68,12 @@ enum Command {
         #[arg(long)]
         keep: bool,
     },
-    /// Overhead benchmark.
-    Bench,
+    /// Overhead benchmark (root): writes target/bench/report.md and report.json.
+    Bench {
+        /// A short smoke run (about 2 minutes instead of about 4).
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -100,6 +105,6 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             setup::ensure(setup::Purpose::Demo)?;
             demo::demo_vm(&name, keep).map(|()| ExitCode::SUCCESS)
         }
-        Command::Bench => bail!("not implemented yet (issue 6)"),
+        Command::Bench { quick } => bench::run(quick),
     }
 }
