@@ -29,10 +29,13 @@ pub struct RunningSlice {
     pub tid: u32,
     /// `1` when that thread was tracked when it was switched in.
     pub tracked: u32,
-    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) when it was switched in.
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) when it was switched in; only kept for a
+    /// tracked thread (the clock is not read for switches between untracked threads).
     pub since_ns: u64,
+    /// When this CPU last left its idle task; 0 while it is idle (or not yet known).
+    pub busy_since_ns: u64,
 }
-const _: () = assert!(size_of::<RunningSlice>() == 16);
+const _: () = assert!(size_of::<RunningSlice>() == 24);
 
 /// Per-CPU counters of the tracer itself, the agent's own cost and health.
 #[repr(C)]
@@ -46,8 +49,9 @@ pub struct TracerStats {
     pub dropped: u64,
     /// Reads of `next->pid` that failed.
     pub read_errors: u64,
-    /// Nanoseconds this CPU ran any task but its idle task (the slice in progress is added
-    /// by userspace at read time). Attribution's active/idle split rests on it.
+    /// Nanoseconds this CPU ran any task but its idle task, counted at each busy → idle
+    /// edge (the busy stretch in progress is added by userspace at read time).
+    /// Attribution's active/idle split rests on it.
     pub busy_ns: u64,
 }
 const _: () = assert!(size_of::<TracerStats>() == 40);

@@ -81,7 +81,6 @@ pub fn sched_switch_empty(_ctx: RawTracePointContext) -> i32 {
 
 #[inline(always)]
 fn try_sched_switch(ctx: &RawTracePointContext) {
-    let now = unsafe_ktime();
     let Some(stats) = STATS.get_ptr_mut(0) else {
         return;
     };
@@ -99,15 +98,6 @@ fn try_sched_switch(ctx: &RawTracePointContext) {
         reason = "the low half is the thread id"
     )]
     let prev = bpf_get_current_pid_tgid() as u32;
-    // tid 0 is this CPU's idle task; an empty slot (first switch after load) names nobody.
-    if slot.tid == prev && prev != 0 {
-        let ran = now.saturating_sub(slot.since_ns);
-        stats.busy_ns += ran;
-        if slot.tracked != 0 {
-            charge(prev, ran, stats);
-        }
-    }
-
     let next = match read_next_tid(ctx) {
         Some(tid) => tid,
         None => {
@@ -115,9 +105,35 @@ fn try_sched_switch(ctx: &RawTracePointContext) {
             0
         }
     };
+    let next_tracked = next != 0 && is_tracked(next);
+    // tid 0 is this CPU's idle task; an empty slot (first switch after load) names nobody.
+    let charge_prev = slot.tracked != 0 && slot.tid == prev && prev != 0;
+    // Busy time changes only at idle edges (and must start being counted once per CPU).
+    let busy_edge = (prev == 0) != (next == 0) || (next != 0 && slot.busy_since_ns == 0);
     slot.tid = next;
-    slot.since_ns = now;
-    slot.tracked = u32::from(next != 0 && is_tracked(next));
+    slot.tracked = u32::from(next_tracked);
+    // A switch between two untracked, non-idle threads (the common case on a busy host)
+    // needs no clock read at all.
+    if !(charge_prev || next_tracked || busy_edge) {
+        return;
+    }
+    let now = unsafe_ktime();
+    if charge_prev {
+        charge(prev, now.saturating_sub(slot.since_ns), stats);
+    }
+    if busy_edge {
+        if next == 0 {
+            if slot.busy_since_ns != 0 {
+                stats.busy_ns += now.saturating_sub(slot.busy_since_ns);
+            }
+            slot.busy_since_ns = 0;
+        } else if slot.busy_since_ns == 0 {
+            slot.busy_since_ns = now;
+        }
+    }
+    if next_tracked {
+        slot.since_ns = now;
+    }
 }
 
 #[inline(always)]

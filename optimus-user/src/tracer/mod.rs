@@ -271,13 +271,12 @@ impl Tracer {
         let at_ns = monotonic_ns();
         let ncpus = slots.len();
         for (cpu, slot) in slots.iter().enumerate() {
-            if slot.tid == 0 || slot.since_ns == 0 {
-                continue;
+            if slot.busy_since_ns != 0 {
+                if let Some(b) = busy_ns.get_mut(cpu) {
+                    *b += at_ns.saturating_sub(slot.busy_since_ns);
+                }
             }
-            if let Some(b) = busy_ns.get_mut(cpu) {
-                *b += at_ns.saturating_sub(slot.since_ns);
-            }
-            if slot.tracked == 0 {
+            if slot.tracked == 0 || slot.tid == 0 || slot.since_ns == 0 {
                 continue;
             }
             let per_cpu = threads.entry(slot.tid).or_insert_with(|| vec![0; ncpus]);
