@@ -159,8 +159,10 @@ pub fn report(args: &HostArgs, energy: &EnergyArgs) -> Vec<Item> {
     for m in EnergyMeters::open(&energy.config(args)).status() {
         let status = match m.state {
             MeterState::Active | MeterState::Standby => Status::Ok,
-            MeterState::NotFound | MeterState::Disabled => Status::Warn,
-            MeterState::NotPermitted | MeterState::Failed => Status::Warn,
+            MeterState::NotFound
+            | MeterState::Disabled
+            | MeterState::NotPermitted
+            | MeterState::Failed => Status::Warn,
         };
         items.push(Item {
             status,

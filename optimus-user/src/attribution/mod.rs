@@ -123,9 +123,6 @@ fn split_zone(input: &IntervalInput, key: &ZoneKey, energy: f64) -> ZoneSplit {
             *out.vms.entry(id).or_default() += active * (w / total_weight);
         }
     }
-    if input.busy_ns.is_none() && key.zone != Zone::Gpu {
-        idle = 0.0;
-    }
     let spread = idle_spread(input);
     if !spread.is_empty() && idle > 0.0 {
         let total: f64 = spread.iter().map(|(_, w)| w).sum();

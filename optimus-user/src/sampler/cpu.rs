@@ -65,13 +65,23 @@ pub struct CpuLedger {
     vms: HashMap<VmId, VmLedger>,
 }
 
-fn add_into(dst: &mut Vec<u64>, src: &[u64]) {
+/// Combines `src` into `dst` element by element (growing `dst` as needed): per-CPU vectors
+/// are added when threads are summed and clamped (`max`) when a reading is folded in.
+pub(crate) fn merge_into(dst: &mut Vec<u64>, src: &[u64], op: fn(u64, u64) -> u64) {
     if dst.len() < src.len() {
         dst.resize(src.len(), 0);
     }
     for (d, s) in dst.iter_mut().zip(src) {
-        *d += s;
+        *d = op(*d, *s);
     }
+}
+
+fn add_into(dst: &mut Vec<u64>, src: &[u64]) {
+    merge_into(dst, src, |a, b| a + b);
+}
+
+fn clamp_into(dst: &mut Vec<u64>, src: &[u64]) {
+    merge_into(dst, src, u64::max);
 }
 
 /// Merges VMs that share an identity (a QEMU migrating into this same host briefly runs
@@ -156,15 +166,6 @@ impl CpuLedger {
             add_into(&mut out.per_cpu_ns, &t.per_cpu);
         }
         Some(out)
-    }
-}
-
-fn clamp_into(dst: &mut Vec<u64>, src: &[u64]) {
-    if dst.len() < src.len() {
-        dst.resize(src.len(), 0);
-    }
-    for (d, s) in dst.iter_mut().zip(src) {
-        *d = (*d).max(*s);
     }
 }
 

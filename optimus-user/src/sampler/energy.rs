@@ -101,15 +101,8 @@ impl EnergyState {
         if let Some(r) = reading {
             // Clamped: the running slice makes a read slightly early or late, never less
             // than what the kernel already counted.
-            let busy = match &self.prev_busy {
-                Some((_, prev)) => r
-                    .busy_ns
-                    .iter()
-                    .enumerate()
-                    .map(|(i, b)| (*b).max(prev.get(i).copied().unwrap_or(0)))
-                    .collect(),
-                None => r.busy_ns.clone(),
-            };
+            let mut busy = self.prev_busy.take().map(|(_, b)| b).unwrap_or_default();
+            super::cpu::merge_into(&mut busy, &r.busy_ns, u64::max);
             self.prev_busy = Some((r.at_ns, busy));
         }
         let mut intervals = Vec::with_capacity(vms.len());
