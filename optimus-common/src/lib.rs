@@ -2,7 +2,7 @@
 //!
 //! Every type is `#[repr(C)]`, padded by hand and pinned in size, because the eBPF programs
 //! and the agent must agree on the byte layout of every map key and value.
-#![no_std]
+#![cfg_attr(not(test), no_std)]
 
 use core::mem::size_of;
 
@@ -62,7 +62,7 @@ const _: () = assert!(size_of::<TracerStats>() == 40);
 pub struct BlockIoKey {
     /// Thread group id (process id) of the submitting task; 0 for kernel context.
     pub tgid: u32,
-    /// Device number as the kernel encodes it in tracepoints (`major << 20 | minor`).
+    /// Device number of the whole disk as the kernel encodes it (`major << 20 | minor`).
     pub dev: u32,
     /// cgroup id (`bpf_get_current_cgroup_id`) of the submitting task.
     pub cgroup_id: u64,
@@ -70,8 +70,100 @@ pub struct BlockIoKey {
     pub direction: u32,
     /// `1` when the submitter is a kernel thread (`PF_KTHREAD`): writeback, journal.
     pub kthread: u32,
+    /// For a kernel thread's I/O: the memory cgroup (kernfs id) that owns the first page
+    /// written or read, when userspace listed it in `VM_CGROUPS`; else 0.
+    pub owner_cgroup_id: u64,
 }
-const _: () = assert!(size_of::<BlockIoKey>() == 24);
+const _: () = assert!(size_of::<BlockIoKey>() == 32);
+
+/// Bound of the map of VM-owned memory cgroups the block program looks page owners up in.
+pub const MAX_VM_CGROUPS: u32 = 16_384;
+
+/// Where the block programs find what they read in kernel structs (no CO-RE in Rust eBPF):
+/// byte offsets from the running kernel's BTF, set once at load time.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BlockOffsets {
+    /// `1` once userspace filled in the offsets; the programs do nothing before.
+    pub ready: u32,
+    /// `1` when the page-owner offsets below resolved (the kernel has memory cgroups).
+    pub owner: u32,
+    /// `request::q`, `::cmd_flags`, `::__data_len`, `::bio`.
+    pub rq_q: u32,
+    pub rq_cmd_flags: u32,
+    pub rq_data_len: u32,
+    pub rq_bio: u32,
+    /// `request_queue::disk`.
+    pub q_disk: u32,
+    /// `gendisk::major`, `::first_minor`.
+    pub disk_major: u32,
+    pub disk_first_minor: u32,
+    /// `bio::bi_bdev`, `::bi_opf`, `::bi_iter` + `bvec_iter::bi_size`, `::bi_io_vec`.
+    pub bio_bdev: u32,
+    pub bio_opf: u32,
+    pub bio_size: u32,
+    pub bio_io_vec: u32,
+    /// `block_device::bd_disk`.
+    pub bdev_disk: u32,
+    /// `bio_vec::bv_page`.
+    pub bvec_page: u32,
+    /// `page::compound_head`, `::memcg_data`.
+    pub page_compound_head: u32,
+    pub page_memcg_data: u32,
+    /// `mem_cgroup::css` + `cgroup_subsys_state::cgroup`.
+    pub memcg_cgroup: u32,
+    /// `cgroup::kn`, `kernfs_node::id`.
+    pub cgroup_kn: u32,
+    pub kn_id: u32,
+}
+const _: () = assert!(size_of::<BlockOffsets>() == 80);
+
+impl BlockOffsets {
+    /// All zero: not ready.
+    pub const ZERO: BlockOffsets = BlockOffsets {
+        ready: 0,
+        owner: 0,
+        rq_q: 0,
+        rq_cmd_flags: 0,
+        rq_data_len: 0,
+        rq_bio: 0,
+        q_disk: 0,
+        disk_major: 0,
+        disk_first_minor: 0,
+        bio_bdev: 0,
+        bio_opf: 0,
+        bio_size: 0,
+        bio_io_vec: 0,
+        bdev_disk: 0,
+        bvec_page: 0,
+        page_compound_head: 0,
+        page_memcg_data: 0,
+        memcg_cgroup: 0,
+        cgroup_kn: 0,
+        kn_id: 0,
+    };
+}
+
+/// `REQ_OP_*` values (include/linux/blk_types.h, stable since 4.10) the programs map to a
+/// direction: read; write; discard, secure erase and write-zeroes as discard; everything
+/// else (flush, zone management, driver-private) as flush.
+pub const REQ_OP_MASK: u32 = 0xff;
+pub const REQ_OP_READ: u32 = 0;
+pub const REQ_OP_WRITE: u32 = 1;
+pub const REQ_OP_DISCARD: u32 = 3;
+pub const REQ_OP_SECURE_ERASE: u32 = 5;
+pub const REQ_OP_WRITE_ZEROES: u32 = 9;
+
+/// The direction of a request or bio from its `cmd_flags` / `bi_opf`.
+#[inline(always)]
+pub fn block_direction(opf: u32) -> u32 {
+    match opf & REQ_OP_MASK {
+        REQ_OP_READ => BLOCK_DIR_READ,
+        REQ_OP_WRITE => BLOCK_DIR_WRITE,
+        REQ_OP_DISCARD | REQ_OP_SECURE_ERASE | REQ_OP_WRITE_ZEROES => BLOCK_DIR_DISCARD,
+        _ => BLOCK_DIR_FLUSH,
+    }
+}
 
 /// Block I/O direction: data read from the device.
 pub const BLOCK_DIR_READ: u32 = 0;
@@ -93,7 +185,7 @@ const _: () = assert!(size_of::<BlockIoValue>() == 16);
 
 #[cfg(feature = "user")]
 mod pod {
-    // SAFETY: all four are repr(C), Copy, hold only integers and have no implicit padding
+    // SAFETY: all five are repr(C), Copy, hold only integers and have no implicit padding
     // (sizes pinned above), so any byte pattern is a valid value.
     unsafe impl aya::Pod for super::RunningSlice {}
     // SAFETY: as above.
@@ -102,4 +194,27 @@ mod pod {
     unsafe impl aya::Pod for super::BlockIoKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::BlockIoValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::BlockOffsets {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn direction_of_request_ops() {
+        // REQ_PREFLUSH (bit 18) and REQ_SYNC (bit 11) on a write: still a write.
+        assert_eq!(block_direction(1 | (1 << 18) | (1 << 11)), BLOCK_DIR_WRITE);
+        assert_eq!(block_direction(0), BLOCK_DIR_READ);
+        // Read-ahead flag (bit 19) on a read.
+        assert_eq!(block_direction(1 << 19), BLOCK_DIR_READ);
+        assert_eq!(block_direction(2), BLOCK_DIR_FLUSH);
+        assert_eq!(block_direction(3), BLOCK_DIR_DISCARD);
+        assert_eq!(block_direction(5), BLOCK_DIR_DISCARD);
+        assert_eq!(block_direction(9), BLOCK_DIR_DISCARD);
+        // Zone management and driver-private ops count as flush (no data, documented).
+        assert_eq!(block_direction(10), BLOCK_DIR_FLUSH);
+        assert_eq!(block_direction(34), BLOCK_DIR_FLUSH);
+    }
 }

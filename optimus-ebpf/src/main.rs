@@ -1,9 +1,9 @@
 //! Optimus' eBPF programs.
 //!
 //! `sched_switch` charges on-CPU nanoseconds to tracked threads, per CPU (so attribution can
-//! charge the right package); `block_io_start` counts block I/O bytes and operations per
-//! submitting process, cgroup and device. No CO-RE here: the one kernel struct field read
-//! (`task_struct::pid` of the incoming task) is at an offset userspace takes from the
+//! charge the right package); `block_rq` and `block_bio_merge` count block I/O bytes and
+//! operations per submitting process, cgroup, device and (for kernel threads) page owner.
+//! No CO-RE here: every kernel struct field read is at an offset userspace takes from the
 //! kernel's BTF and sets as a global at load time.
 #![no_std]
 #![no_main]
@@ -13,13 +13,13 @@ use aya_ebpf::{
         bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_current_task,
         bpf_ktime_get_ns, bpf_probe_read_kernel,
     },
-    macros::{map, raw_tracepoint, tracepoint},
+    macros::{map, raw_tracepoint},
     maps::{HashMap, PerCpuArray, PerCpuHashMap},
-    programs::{RawTracePointContext, TracePointContext},
+    programs::RawTracePointContext,
 };
 use optimus_common::{
-    BlockIoKey, BlockIoValue, RunningSlice, TracerStats, BLOCK_DIR_DISCARD, BLOCK_DIR_FLUSH,
-    BLOCK_DIR_READ, BLOCK_DIR_WRITE, MAX_TRACKED_THREADS,
+    block_direction, BlockIoKey, BlockIoValue, BlockOffsets, RunningSlice, TracerStats,
+    MAX_TRACKED_THREADS, MAX_VM_CGROUPS,
 };
 
 // Settings written by userspace at load time (`EbpfLoader::override_global`). Read them
@@ -36,13 +36,9 @@ static TASK_PID_OFFSET: u64 = 0;
 static TASK_FLAGS_OFFSET: u64 = 0;
 /// `PF_KTHREAD` from include/linux/sched.h.
 const PF_KTHREAD: u32 = 0x0020_0000;
-/// Byte offsets of the `block_io_start` tracepoint record fields, from its format file.
+/// Kernel struct offsets the block programs read, from the kernel's BTF.
 #[no_mangle]
-static BIO_DEV_OFFSET: u64 = 8;
-#[no_mangle]
-static BIO_BYTES_OFFSET: u64 = 28;
-#[no_mangle]
-static BIO_RWBS_OFFSET: u64 = 34;
+static BLOCK_OFFSETS: BlockOffsets = BlockOffsets::ZERO;
 
 /// Thread ids to charge (value `TRACKED_YES`), written by userspace from VM discovery.
 #[map]
@@ -60,7 +56,13 @@ static RUNNING: PerCpuArray<RunningSlice> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 static STATS: PerCpuArray<TracerStats> = PerCpuArray::with_max_entries(1, 0);
 
-/// Block I/O per (process, cgroup, device, direction). Bounded: a full map counts a drop.
+/// Memory cgroups (kernfs ids) that belong to a VM, written by userspace: a kernel thread's
+/// I/O on pages they own is recorded with that owner.
+#[map]
+static VM_CGROUPS: HashMap<u64, u32> = HashMap::with_max_entries(MAX_VM_CGROUPS, 0);
+
+/// Block I/O per (process, cgroup, device, direction, page owner). Bounded: a full map
+/// counts a drop.
 #[map]
 static BLOCK_IO: PerCpuHashMap<BlockIoKey, BlockIoValue> =
     PerCpuHashMap::with_max_entries(16_384, 0);
@@ -176,60 +178,106 @@ fn charge(tid: u32, ns: u64, stats: &mut TracerStats) {
     }
 }
 
-/// `block:block_io_start`: runs in the context of the task that submits the I/O.
-#[tracepoint(category = "block", name = "block_io_start")]
-pub fn block_io_start(ctx: TracePointContext) -> u32 {
-    try_block_io(&ctx);
+/// `block_io_start(struct request *rq)` (6.5+, in the submitting task's context), or
+/// `block_rq_issue(struct request *rq)` where that does not exist: one operation of the
+/// request's bytes.
+#[raw_tracepoint(tracepoint = "block_io_start")]
+pub fn block_rq(ctx: RawTracePointContext) -> i32 {
+    let rq: *const u8 = ctx.arg(0);
+    try_block_rq(rq);
     0
 }
 
-/// Fallback for kernels without `block_io_start` (before 6.5): `block_rq_issue` has the same
-/// leading fields; it runs in the submitter's context when the request is issued directly.
-#[tracepoint(category = "block", name = "block_rq_issue")]
-pub fn block_rq_issue(ctx: TracePointContext) -> u32 {
-    try_block_io(&ctx);
+/// `block_bio_backmerge` / `block_bio_frontmerge(struct bio *bio)`: a bio joins a request
+/// that was already counted, so its bytes count but it is no new operation. Without this,
+/// writeback of many small files (merged by the I/O scheduler) mostly went uncounted.
+#[raw_tracepoint(tracepoint = "block_bio_backmerge")]
+pub fn block_bio_merge(ctx: RawTracePointContext) -> i32 {
+    let bio: *const u8 = ctx.arg(0);
+    try_block_bio_merge(bio);
     0
 }
 
 #[inline(always)]
-fn try_block_io(ctx: &TracePointContext) {
-    // SAFETY: offsets come from the tracepoint's own format file; read_at bounds-checks.
-    let (dev, bytes, rwbs) = unsafe {
-        let dev: u32 = match ctx.read_at(read_global(&BIO_DEV_OFFSET)) {
-            Ok(v) => v,
-            Err(_) => return,
-        };
-        let bytes: u32 = match ctx.read_at(read_global(&BIO_BYTES_OFFSET)) {
-            Ok(v) => v,
-            Err(_) => return,
-        };
-        let rwbs: [u8; 8] = match ctx.read_at(read_global(&BIO_RWBS_OFFSET)) {
-            Ok(v) => v,
-            Err(_) => return,
-        };
-        (dev, bytes, rwbs)
+fn try_block_rq(rq: *const u8) {
+    let o = block_offsets();
+    if o.ready == 0 {
+        return;
+    }
+    let (Some(opf), Some(bytes)) = (
+        read::<u32>(rq, o.rq_cmd_flags),
+        read::<u32>(rq, o.rq_data_len),
+    ) else {
+        return;
     };
+    let disk = read_ptr(rq, o.rq_q).and_then(|q| read_ptr(q, o.q_disk));
+    let dev = disk.map_or(0, |d| disk_dev(d, &o));
+    let bio = read_ptr(rq, o.rq_bio);
+    account(dev, block_direction(opf), bytes, 1, bio, &o);
+}
+
+#[inline(always)]
+fn try_block_bio_merge(bio: *const u8) {
+    let o = block_offsets();
+    if o.ready == 0 {
+        return;
+    }
+    let (Some(opf), Some(bytes)) = (read::<u32>(bio, o.bio_opf), read::<u32>(bio, o.bio_size))
+    else {
+        return;
+    };
+    let disk = read_ptr(bio, o.bio_bdev).and_then(|b| read_ptr(b, o.bdev_disk));
+    let dev = disk.map_or(0, |d| disk_dev(d, &o));
+    account(dev, block_direction(opf), bytes, 0, Some(bio), &o);
+}
+
+/// `MKDEV(major, first_minor)` of a gendisk, in the kernel's encoding: the whole disk.
+#[inline(always)]
+fn disk_dev(disk: *const u8, o: &BlockOffsets) -> u32 {
+    let major = read::<i32>(disk, o.disk_major).unwrap_or(0);
+    let minor = read::<i32>(disk, o.disk_first_minor).unwrap_or(0);
+    #[expect(clippy::cast_sign_loss, reason = "device numbers are never negative")]
+    let (major, minor) = (major as u32, minor as u32);
+    (major << 20) | (minor & 0xf_ffff)
+}
+
+#[inline(always)]
+fn account(
+    dev: u32,
+    direction: u32,
+    bytes: u32,
+    ops: u64,
+    bio: Option<*const u8>,
+    o: &BlockOffsets,
+) {
     #[expect(clippy::cast_possible_truncation, reason = "the high half is the tgid")]
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
     // SAFETY: bpf_get_current_cgroup_id has no preconditions.
     let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    let kthread = current_is_kthread();
+    // Only a kernel thread's I/O needs the pages' owner: a process's I/O is its own.
+    let owner_cgroup_id = match bio {
+        Some(bio) if kthread && o.owner != 0 => page_owner(bio, o),
+        _ => 0,
+    };
     let key = BlockIoKey {
         tgid,
         dev,
         cgroup_id,
-        direction: direction(&rwbs),
-        kthread: u32::from(current_is_kthread()),
+        direction,
+        kthread: u32::from(kthread),
+        owner_cgroup_id,
     };
     if let Some(v) = BLOCK_IO.get_ptr_mut(&key) {
         // SAFETY: this CPU's value of a per-CPU map entry; nobody else writes it now.
         unsafe {
             (*v).bytes += u64::from(bytes);
-            (*v).ops += 1;
+            (*v).ops += ops;
         }
     } else {
         let v = BlockIoValue {
             bytes: u64::from(bytes),
-            ops: 1,
+            ops,
         };
         if BLOCK_IO.insert(&key, &v, 0).is_err() {
             if let Some(stats) = STATS.get_ptr_mut(0) {
@@ -238,6 +286,66 @@ fn try_block_io(ctx: &TracePointContext) {
             }
         }
     }
+}
+
+/// The memory cgroup that owns the bio's first page (the cgroup charged when the page
+/// entered the page cache: the writer of a dirty page), if userspace listed it as a VM's.
+/// A bio may carry pages of several owners; the first one decides (README "Block I/O").
+#[inline(always)]
+fn page_owner(bio: *const u8, o: &BlockOffsets) -> u64 {
+    let Some(page) = read_ptr(bio, o.bio_io_vec).and_then(|v| read_ptr(v, o.bvec_page)) else {
+        return 0;
+    };
+    // A tail page of a large folio points at its head (low bit set); the head holds the
+    // owner.
+    let head = match read::<u64>(page, o.page_compound_head) {
+        Some(h) if h & 1 != 0 => (h - 1) as *const u8,
+        _ => page,
+    };
+    let Some(memcg_data) = read::<u64>(head, o.page_memcg_data) else {
+        return 0;
+    };
+    // Low bits flag slab (OBJEXTS) or kernel (KMEM) memory: no page-cache owner to name.
+    if memcg_data & MEMCG_DATA_FLAGS != 0 || memcg_data == 0 {
+        return 0;
+    }
+    let memcg = memcg_data as *const u8;
+    let Some(id) = read_ptr(memcg, o.memcg_cgroup)
+        .and_then(|cg| read_ptr(cg, o.cgroup_kn))
+        .and_then(|kn| read::<u64>(kn, o.kn_id))
+    else {
+        return 0;
+    };
+    if VM_CGROUPS.get_ptr(&id).is_some() {
+        id
+    } else {
+        0
+    }
+}
+
+/// `MEMCG_DATA_OBJEXTS | MEMCG_DATA_KMEM` (include/linux/memcontrol.h).
+const MEMCG_DATA_FLAGS: u64 = 0x3;
+
+#[inline(always)]
+fn block_offsets() -> BlockOffsets {
+    // SAFETY: reading a global set once at load time.
+    unsafe { core::ptr::read_volatile(&BLOCK_OFFSETS) }
+}
+
+#[inline(always)]
+fn read<T>(base: *const u8, offset: u32) -> Option<T> {
+    if base.is_null() {
+        return None;
+    }
+    // SAFETY: bpf_probe_read_kernel checks the address; a bad one returns an error.
+    unsafe { bpf_probe_read_kernel(base.wrapping_add(offset as usize).cast::<T>()) }.ok()
+}
+
+#[inline(always)]
+fn read_ptr(base: *const u8, offset: u32) -> Option<*const u8> {
+    read::<u64>(base, offset)
+        .filter(|&p| p != 0)
+        .map(|p| p as *const u8)
 }
 
 /// Whether the current task is a kernel thread: its I/O (writeback, journal) belongs to no
@@ -262,25 +370,6 @@ fn read_global(v: &u64) -> usize {
     // SAFETY: reading a global set once at load time.
     let off = unsafe { core::ptr::read_volatile(v) };
     off as usize
-}
-
-/// The rule (same as blktrace's rwbs letters): the first of `D` (discard, also secure erase),
-/// `W` (write, also write-zeroes), `R` (read) decides; otherwise a bare `F` flush. Documented
-/// in the README; userspace exports read and write, and counts discard and flush apart.
-#[inline(always)]
-fn direction(rwbs: &[u8; 8]) -> u32 {
-    let mut i = 0;
-    while i < rwbs.len() {
-        match rwbs[i] {
-            b'D' => return BLOCK_DIR_DISCARD,
-            b'W' => return BLOCK_DIR_WRITE,
-            b'R' => return BLOCK_DIR_READ,
-            0 => break,
-            _ => {}
-        }
-        i += 1;
-    }
-    BLOCK_DIR_FLUSH
 }
 
 #[cfg(not(test))]

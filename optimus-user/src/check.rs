@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use crate::cli::{EnergyArgs, HostArgs};
 use crate::discovery::{Discovery, LibvirtStatus};
 use crate::energy::{EnergyMeters, MeterState};
-use crate::tracer::{btf, tracefs, BlockIoStatus, Tracer, TracerOptions};
+use crate::tracer::{btf, BlockIoStatus, Tracer, TracerOptions};
 
 /// How one check came out.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -68,25 +68,9 @@ pub fn report(args: &HostArgs, energy: &EnergyArgs) -> Vec<Item> {
         ),
     });
 
-    let sched = tracefs::format_path(&paths.sys, "sched", "sched_switch");
-    items.push(if sched.exists() {
-        item(Status::Ok, "tracefs", "sched:sched_switch present")
-    } else {
-        item(
-            Status::Warn,
-            "tracefs",
-            format!(
-                "{} missing; block I/O needs tracefs: mount -t tracefs nodev {}",
-                sched.display(),
-                tracefs::tracefs_dir(&paths.sys).display()
-            ),
-        )
-    });
-
     if privileged {
         let opts = TracerOptions {
             btf_path,
-            paths: paths.clone(),
             ..TracerOptions::default()
         };
         match Tracer::load(&opts) {
@@ -97,10 +81,27 @@ pub fn report(args: &HostArgs, energy: &EnergyArgs) -> Vec<Item> {
                     "loaded and attached to sched_switch",
                 ));
                 items.push(match tracer.block_io_status() {
-                    BlockIoStatus::Attached { tracepoint } => item(
+                    BlockIoStatus::Attached {
+                        tracepoint,
+                        page_owner: Ok(()),
+                    } => item(
                         Status::Ok,
                         "block I/O",
-                        format!("attached to block:{tracepoint}"),
+                        format!(
+                            "attached to block:{tracepoint} and the bio merges; kernel \
+                             writeback traced to the pages' memory cgroup"
+                        ),
+                    ),
+                    BlockIoStatus::Attached {
+                        tracepoint,
+                        page_owner: Err(why),
+                    } => item(
+                        Status::Warn,
+                        "block I/O",
+                        format!(
+                            "attached to block:{tracepoint}; kernel writeback stays \
+                             unattributed: {why}"
+                        ),
                     ),
                     BlockIoStatus::Unavailable(why) => item(Status::Warn, "block I/O", why.clone()),
                     BlockIoStatus::Disabled => item(Status::Warn, "block I/O", "disabled"),

@@ -63,12 +63,17 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
         block_io: !args.no_block_io,
         attach_baseline: args.bench_baseline,
         btf_path: paths.sys.join("kernel/btf/vmlinux"),
-        paths: paths.clone(),
     })
     .context("starting the eBPF tracer (see `optimus check`)")?;
     match tracer.block_io_status() {
-        BlockIoStatus::Attached { tracepoint } => {
-            log::info!("block I/O traced at block:{tracepoint}");
+        BlockIoStatus::Attached {
+            tracepoint,
+            page_owner,
+        } => {
+            log::info!("block I/O traced at block:{tracepoint} and the bio merges");
+            if let Err(why) = page_owner {
+                log::warn!("kernel writeback is not traced to VMs (stays unattributed): {why}");
+            }
         }
         BlockIoStatus::Unavailable(why) => log::warn!("block I/O not traced: {why}"),
         BlockIoStatus::Disabled => {}

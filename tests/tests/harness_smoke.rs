@@ -18,7 +18,7 @@ use optimus_tests::env::require_tools;
 use optimus_tests::guest::{
     GuestImage, GuestPlan, IoPlan, IO_READ_DONE_MARKER, IO_WRITE_DONE_MARKER, READY_MARKER,
 };
-use optimus_tests::libvirt::{Domain, Libvirtd};
+use optimus_tests::libvirt::{Disk, DiskCache, Domain, Libvirtd};
 use optimus_tests::prometheus::{value, Prometheus};
 use optimus_tests::qemu::PlainQemu;
 use optimus_tests::{env, proc};
@@ -238,8 +238,12 @@ fn guest_block_io_shows_in_proc_io() {
             pause_s: 1,
         }),
     };
+    let disk = Disk {
+        path: &disk,
+        cache: DiskCache::Direct,
+    };
     let domain =
-        Domain::create(&libvirtd, "optimus-smoke-io", &image, &plan, 1, Some(&disk)).unwrap();
+        Domain::create(&libvirtd, "optimus-smoke-io", &image, &plan, 1, Some(disk)).unwrap();
     let pid = domain.qemu_pid().unwrap();
     let (read0, write0) = proc::proc_io(pid).unwrap();
     let sectors0 = host_dev

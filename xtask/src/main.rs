@@ -28,7 +28,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Install what is missing (Debian packages, eBPF toolchain, bpf-linker, tracefs).
+    /// Install what is missing (Debian packages, eBPF toolchain, bpf-linker).
     Setup {
         /// Install only what this purpose needs.
         #[arg(long = "for", value_enum, default_value = "all")]

@@ -16,7 +16,7 @@ pub enum Purpose {
     Build,
     /// Build plus rustfmt and clippy.
     Lint,
-    /// Build plus what the running agent needs (libvirt client library, tracefs).
+    /// Build plus what the running agent needs (libvirt client library).
     Run,
     /// Run plus QEMU, libvirtd and the guest image tools.
     Demo,
@@ -95,7 +95,6 @@ const PACKAGES: &[Package] = &[
 
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const BPF_LINKER_VERSION: &str = "0.13.0";
-const TRACEFS: &str = "/sys/kernel/tracing";
 
 /// The toolchain that builds the eBPF crate (`-Z build-std=core` needs nightly features).
 #[derive(Clone, Copy, Debug)]
@@ -183,9 +182,6 @@ pub fn ensure(purpose: Purpose) -> Result<Ready> {
         ensure_components(&path, None, &["rustfmt", "clippy"], why, &mut log)?;
     }
     bpf_linker(&ws, &path, &mut log)?;
-    if purpose.needs(Need::Agent) {
-        tracefs(&mut log)?;
-    }
 
     let tc = toolchain.name();
     if log.acted {
@@ -367,23 +363,4 @@ fn bpf_linker(ws: &Workspace, path: &OsString, log: &mut Log) -> Result<()> {
         ])
         .run()
         .context("building bpf-linker (needs crates.io and the llvm-22-dev package)")
-}
-
-/// Tracepoint formats are read from tracefs; Debian without systemd may not mount it.
-fn tracefs(log: &mut Log) -> Result<()> {
-    if Path::new(TRACEFS).join("events").exists() {
-        return Ok(());
-    }
-    if !is_root() {
-        bail!(
-            "tracefs is not mounted at {TRACEFS}\nfix, as root: mount -t tracefs nodev {TRACEFS}"
-        );
-    }
-    log.say(&format!(
-        "mounting tracefs at {TRACEFS} (tracepoint formats for the eBPF programs)…"
-    ));
-    Cmd::new("mount")
-        .args(["-t", "tracefs", "nodev", TRACEFS])
-        .run()
-        .context("mounting tracefs")
 }

@@ -120,7 +120,7 @@ fn exit_code(status: ExitStatus) -> ExitCode {
 }
 
 /// `cargo xtask test [-- TEST ARGS]`: debug build, unit tests in parallel, then the
-/// integration tests one at a time (they share libvirtd, tracefs and the CPUs).
+/// integration tests one at a time (they share libvirtd, the block devices and the CPUs).
 pub fn test(test_args: &[OsString]) -> Result<ExitCode> {
     let ready = setup::ensure(Purpose::Test)?;
     let bin = build_agent(&ready, false)?;

@@ -9,6 +9,7 @@
 //! [`Discovery::scan`] blocks: it reads procfs and, when a libvirt URI is set, makes libvirt
 //! RPC calls. See [`procfs`] for what a scan costs.
 
+pub mod cgroup;
 pub mod cmdline;
 pub mod libvirt;
 pub mod procfs;

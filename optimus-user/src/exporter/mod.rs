@@ -214,14 +214,14 @@ impl Collector for SnapshotCollector {
         counters(
             &mut enc,
             "optimus_vm_block_io",
-            "Block I/O submitted by a VM's QEMU process, from eBPF block tracepoints",
+            "Block I/O of a VM: submitted by its QEMU process, plus kernel writeback of pages its memory cgroup owns",
             Some(&Unit::Bytes),
             vm_io(|io| io.bytes),
         )?;
         counters(
             &mut enc,
             "optimus_vm_block_io_operations",
-            "Block I/O requests submitted by a VM's QEMU process",
+            "Block I/O requests of a VM (as for optimus_vm_block_io_bytes_total)",
             None,
             vm_io(|io| io.ops),
         )?;
@@ -245,7 +245,7 @@ impl Collector for SnapshotCollector {
         counters(
             &mut enc,
             "optimus_node_block_io_unattributed",
-            "Block I/O bytes submitted by kernel threads (buffered writeback, journal): no process to charge",
+            "Block I/O bytes submitted by kernel threads (writeback, journal) for pages no VM owns: no process to charge",
             Some(&Unit::Bytes),
             bytes_dirs().map(|(dev, dir, io)| {
                 ([("device", *dev), ("direction", *dir)], count(io.unattributed.bytes))
@@ -254,10 +254,19 @@ impl Collector for SnapshotCollector {
         counters(
             &mut enc,
             "optimus_node_block_io_vm",
-            "Block I/O bytes per device submitted by VMs",
+            "Block I/O bytes per device charged to VMs (their QEMU processes and kernel writeback of their pages)",
             Some(&Unit::Bytes),
             bytes_dirs().map(|(dev, dir, io)| {
                 ([("device", *dev), ("direction", *dir)], count(io.vms.bytes))
+            }),
+        )?;
+        counters(
+            &mut enc,
+            "optimus_node_block_io_vm_writeback",
+            "Block I/O bytes kernel threads submitted for pages a VM's memory cgroup owns (part of optimus_node_block_io_vm_bytes_total)",
+            Some(&Unit::Bytes),
+            bytes_dirs().map(|(dev, dir, io)| {
+                ([("device", *dev), ("direction", *dir)], count(io.vm_writeback.bytes))
             }),
         )?;
         counters(

@@ -93,6 +93,7 @@ fn fixture() -> Snapshot {
                 DeviceIo {
                     total: io(2 << 20, 20),
                     vms: io(1 << 20, 16),
+                    vm_writeback: io(0, 0),
                     unattributed: io(4096, 1),
                     processes: io((1 << 20) - 4096, 3),
                 },
@@ -102,6 +103,7 @@ fn fixture() -> Snapshot {
                 DeviceIo {
                     total: io(64 << 20, 70),
                     vms: io(48 << 20, 48),
+                    vm_writeback: io(8 << 20, 2),
                     unattributed: io(16 << 20, 22),
                     processes: io(0, 0),
                 },

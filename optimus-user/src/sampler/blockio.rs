@@ -6,7 +6,10 @@
 //! - I/O submitted by any thread of a VM's QEMU process counts to that VM (with
 //!   `cache=none` QEMU's worker threads submit the guest's I/O themselves).
 //! - I/O submitted by kernel threads (buffered writeback from kworker, jbd2; the eBPF
-//!   program marks them with `PF_KTHREAD` at submission) is node-level *unattributed*.
+//!   program marks them with `PF_KTHREAD` at submission) counts to the VM whose memory
+//!   cgroup owns the pages (the eBPF program reads the owner of the bio's first page and
+//!   keeps it when it is one of the VMs' cgroups userspace listed); otherwise it is
+//!   node-level *unattributed*.
 //! - Everything else is other host processes, including processes that have exited.
 //!
 //! So per device and direction: VMs + other processes + unattributed = node total, exactly.
@@ -58,8 +61,10 @@ impl Io {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DeviceIo {
     pub total: Io,
-    /// Submitted by VMs (read and write also appear per VM; discard and flush only here).
+    /// Charged to VMs (read and write also appear per VM; discard and flush only here).
     pub vms: Io,
+    /// The part of `vms` that kernel threads submitted for pages a VM's cgroup owns.
+    pub vm_writeback: Io,
     pub unattributed: Io,
     pub processes: Io,
 }
@@ -78,13 +83,14 @@ pub struct BlockIoLedger {
 
 impl BlockIoLedger {
     /// Folds in one read. `classify` says who a user-space tgid is (and whether it still
-    /// exists); kernel-thread entries are unattributed without asking.
-    /// `device` names a kernel device number. Returns the keys whose submitter is gone, for
-    /// the tracer to forget: their counts are in the ledger for good.
+    /// exists); `owner` names the VM owning a memory cgroup, for kernel-thread entries
+    /// (unattributed when it names none). `device` names a kernel device number. Returns
+    /// the keys the tracer can forget: their counts are in the ledger for good.
     pub fn update(
         &mut self,
         entries: &[(BlockIoKey, BlockIoValue)],
         mut classify: impl FnMut(u32) -> (Submitter, bool),
+        mut owner: impl FnMut(u64) -> Option<VmId>,
         mut device: impl FnMut(u32) -> String,
     ) -> Vec<BlockIoKey> {
         let mut forget = Vec::new();
@@ -111,8 +117,23 @@ impl BlockIoLedger {
                 .clone();
             // Only a gone submitter's entry is dropped: one still alive may count more
             // between this read and a delete, which would be lost.
+            let mut alive = alive;
+            let mut writeback = false;
             let who = if key.kthread != 0 {
-                Submitter::Unattributed
+                match (key.owner_cgroup_id, owner(key.owner_cgroup_id)) {
+                    (0, _) => Submitter::Unattributed,
+                    (_, Some(vm)) => {
+                        writeback = true;
+                        Submitter::Vm(vm)
+                    }
+                    // The owner's VM is gone (its cgroup no longer listed to the kernel,
+                    // so this entry cannot grow): fold it as unattributed and, once it
+                    // is quiet, forget it, or kernel threads x dead VMs fill the map.
+                    (_, None) => {
+                        alive = alive && delta != Io::default();
+                        Submitter::Unattributed
+                    }
+                }
             } else {
                 who
             };
@@ -124,6 +145,9 @@ impl BlockIoLedger {
             match &who {
                 Submitter::Vm(id) => {
                     dev.vms.add(delta);
+                    if writeback {
+                        dev.vm_writeback.add(delta);
+                    }
                     if let Some(slot) = rw_index(key.direction) {
                         self.vms.entry(id.clone()).or_default()[slot].add(delta);
                     }
@@ -177,6 +201,19 @@ mod tests {
             cgroup_id: 1,
             direction: dir,
             kthread: u32::from(tgid == 7),
+            owner_cgroup_id: 0,
+        }
+    }
+
+    fn no_owner(_: u64) -> Option<VmId> {
+        None
+    }
+
+    /// A kernel thread's entry for pages owned by memory cgroup `owner`.
+    fn writeback(owner: u64) -> BlockIoKey {
+        BlockIoKey {
+            owner_cgroup_id: owner,
+            ..key(7, BLOCK_DIR_WRITE)
         }
     }
 
@@ -212,6 +249,7 @@ mod tests {
                 (key(100, BLOCK_DIR_READ), val(1 << 20, 8)),
             ],
             classify,
+            no_owner,
             dev,
         );
         l.update(
@@ -222,6 +260,7 @@ mod tests {
                 (key(100, BLOCK_DIR_READ), val(1 << 20, 8)),
             ],
             classify,
+            no_owner,
             dev,
         );
         let [r, w] = l.vm(&vm_id());
@@ -254,10 +293,20 @@ mod tests {
     fn exited_submitter_is_folded_then_forgotten_and_never_lost() {
         let mut l = BlockIoLedger::default();
         let dev = |_| "vda".to_owned();
-        let forget = l.update(&[(key(555, BLOCK_DIR_WRITE), val(1000, 1))], classify, dev);
+        let forget = l.update(
+            &[(key(555, BLOCK_DIR_WRITE), val(1000, 1))],
+            classify,
+            no_owner,
+            dev,
+        );
         assert_eq!(forget, vec![key(555, BLOCK_DIR_WRITE)]);
         // The tracer dropped the entry; the same key counting again starts from zero.
-        l.update(&[(key(555, BLOCK_DIR_WRITE), val(10, 1))], classify, dev);
+        l.update(
+            &[(key(555, BLOCK_DIR_WRITE), val(10, 1))],
+            classify,
+            no_owner,
+            dev,
+        );
         let d = l.devices()[&("vda".to_owned(), BLOCK_DIR_WRITE)];
         assert_eq!(d.total.bytes, 1010);
         assert_eq!(d.processes.bytes, 1010);
@@ -272,6 +321,7 @@ mod tests {
                 (key(100, BLOCK_DIR_FLUSH), val(0, 4)),
             ],
             classify,
+            no_owner,
             |_| "vda".to_owned(),
         );
         assert_eq!(l.vm(&vm_id()), [Io::default(); 2]);
@@ -279,5 +329,55 @@ mod tests {
         assert_eq!(flush.total.ops, 4);
         assert_eq!(flush.vms.ops, 4);
         assert_eq!(direction_label(BLOCK_DIR_DISCARD), "discard");
+    }
+
+    #[test]
+    fn kernel_writeback_of_a_vms_pages_counts_to_the_vm() {
+        let mut l = BlockIoLedger::default();
+        let owner = |id: u64| (id == 42).then(vm_id);
+        let dev = |_| "vda".to_owned();
+        l.update(
+            &[
+                (writeback(42), val(32 << 20, 40)),
+                (writeback(0), val(4096, 1)),
+                (key(100, BLOCK_DIR_WRITE), val(8192, 2)),
+            ],
+            classify,
+            owner,
+            dev,
+        );
+        let [_, w] = l.vm(&vm_id());
+        assert_eq!(w.bytes, (32 << 20) + 8192);
+        assert_eq!(w.ops, 42);
+        let d = l.devices()[&("vda".to_owned(), BLOCK_DIR_WRITE)];
+        assert_eq!(d.vm_writeback.bytes, 32 << 20);
+        assert_eq!(d.vms.bytes, w.bytes);
+        assert_eq!(d.unattributed.bytes, 4096);
+        assert_eq!(
+            d.vms.bytes + d.unattributed.bytes + d.processes.bytes,
+            d.total.bytes
+        );
+    }
+
+    #[test]
+    fn writeback_of_a_gone_vm_is_unattributed_then_forgotten_once_quiet() {
+        let mut l = BlockIoLedger::default();
+        let dev = |_| "vda".to_owned();
+        let forget = l.update(
+            &[(writeback(42), val(4096, 1))],
+            classify,
+            |_| Some(vm_id()),
+            dev,
+        );
+        assert!(forget.is_empty());
+        // The VM is gone: what its pages still got written counts, as unattributed.
+        let forget = l.update(&[(writeback(42), val(8192, 2))], classify, no_owner, dev);
+        assert!(forget.is_empty(), "still moving: keep it");
+        let forget = l.update(&[(writeback(42), val(8192, 2))], classify, no_owner, dev);
+        assert_eq!(forget, vec![writeback(42)]);
+        let d = l.devices()[&("vda".to_owned(), BLOCK_DIR_WRITE)];
+        assert_eq!(d.total.bytes, 8192);
+        assert_eq!(d.vm_writeback.bytes, 4096);
+        assert_eq!(d.unattributed.bytes, 4096);
     }
 }

@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
+use crate::discovery::cgroup::VmCgroups;
 use crate::discovery::{Discovery, VmId, VmSource};
 use crate::host::{HostPaths, ProcessKind};
 use crate::tracer::Tracer;
@@ -87,9 +88,17 @@ pub struct Sampler {
     /// QEMU pid → VM, from the last two scans (a QEMU that exited since still has I/O to
     /// fold in).
     vm_pids: HashMap<u32, VmId>,
+    /// VMs' memory cgroups, for kernel writeback of their pages; rebuilt when the VMs
+    /// change and every [`CGROUP_REFRESH`] (libvirt adds sub-cgroups after start).
+    cgroups: VmCgroups,
+    cgroups_for: Vec<(VmId, u32)>,
+    cgroups_at: Option<Instant>,
     paths: HostPaths,
     stats: AgentStats,
 }
+
+/// How often VMs' memory cgroups are re-read when the VMs did not change.
+const CGROUP_REFRESH: Duration = Duration::from_secs(10);
 
 impl Sampler {
     pub fn new(
@@ -107,6 +116,9 @@ impl Sampler {
             carbon,
             block_io: BlockIoLedger::default(),
             vm_pids: HashMap::new(),
+            cgroups: VmCgroups::new(paths.proc.clone()),
+            cgroups_for: Vec::new(),
+            cgroups_at: None,
             paths,
             stats: AgentStats::default(),
         }
@@ -177,11 +189,13 @@ impl Sampler {
     }
 
     fn fold_block_io(&mut self, vms: &[crate::discovery::Vm]) {
-        if !matches!(
-            self.tracer.block_io_status(),
-            crate::tracer::BlockIoStatus::Attached { .. }
-        ) {
+        let crate::tracer::BlockIoStatus::Attached { page_owner, .. } =
+            self.tracer.block_io_status()
+        else {
             return;
+        };
+        if page_owner.is_ok() {
+            self.refresh_cgroups(vms);
         }
         let entries = match self.tracer.read_block_io() {
             Ok(e) => e,
@@ -194,6 +208,7 @@ impl Sampler {
         let current: HashMap<u32, VmId> = vms.iter().map(|vm| (vm.pid, vm.id.clone())).collect();
         let previous = std::mem::take(&mut self.vm_pids);
         let paths = &self.paths;
+        let cgroups = &self.cgroups;
         // Resolved afresh each sample: a device number can be reused after a hot-unplug.
         let mut names: HashMap<u32, String> = HashMap::new();
         let forget = self.block_io.update(
@@ -210,6 +225,7 @@ impl Sampler {
                 };
                 (who, kind.is_some() || tgid == 0)
             },
+            |id| cgroups.vm_of(id).cloned(),
             |dev| {
                 names
                     .entry(dev)
@@ -221,6 +237,33 @@ impl Sampler {
         let live: HashSet<&VmId> = current.values().collect();
         self.block_io.retain_vms(|id| live.contains(id));
         self.vm_pids = current;
+    }
+}
+
+impl Sampler {
+    /// Lists the VMs' memory cgroups to the kernel when the VMs changed or the list is
+    /// [`CGROUP_REFRESH`] old.
+    fn refresh_cgroups(&mut self, vms: &[crate::discovery::Vm]) {
+        let now: Vec<(VmId, u32)> = vms.iter().map(|vm| (vm.id.clone(), vm.pid)).collect();
+        let stale = self
+            .cgroups_at
+            .is_none_or(|at| at.elapsed() >= CGROUP_REFRESH);
+        if now == self.cgroups_for && !stale {
+            return;
+        }
+        self.cgroups.refresh(&now);
+        if self.cgroups_at.is_none() {
+            if let Some(why) = self.cgroups.unavailable() {
+                log::warn!("{why}");
+            }
+        }
+        let ids: HashSet<u64> = self.cgroups.ids().collect();
+        if let Err(e) = self.tracer.set_vm_cgroups(&ids) {
+            self.stats.sample_errors += 1;
+            log::warn!("cannot list the VMs' cgroups to the block program: {e}");
+        }
+        self.cgroups_for = now;
+        self.cgroups_at = Some(Instant::now());
     }
 }
 

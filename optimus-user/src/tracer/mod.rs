@@ -5,17 +5,16 @@
 //! job of [`crate::sampler`].
 
 pub mod btf;
-pub mod tracefs;
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 
 use aya::maps::{HashMap as BpfHashMap, MapData, MapError, PerCpuArray, PerCpuHashMap};
-use aya::programs::{ProgramError, RawTracePoint, TracePoint};
+use aya::programs::{ProgramError, RawTracePoint};
 use aya::{Ebpf, EbpfError, EbpfLoader};
-use optimus_common::{BlockIoKey, BlockIoValue, RunningSlice, TracerStats, TRACKED_YES};
-
-use crate::host::HostPaths;
+use optimus_common::{
+    BlockIoKey, BlockIoValue, BlockOffsets, RunningSlice, TracerStats, TRACKED_YES,
+};
 
 /// The compiled eBPF object, built by `build.rs` from the `optimus-ebpf` crate.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/optimus"));
@@ -32,7 +31,6 @@ pub struct TracerOptions {
     pub attach_baseline: bool,
     /// Kernel BTF, normally `/sys/kernel/btf/vmlinux`.
     pub btf_path: PathBuf,
-    pub paths: HostPaths,
 }
 
 impl Default for TracerOptions {
@@ -42,7 +40,6 @@ impl Default for TracerOptions {
             block_io: true,
             attach_baseline: false,
             btf_path: PathBuf::from("/sys/kernel/btf/vmlinux"),
-            paths: HostPaths::default(),
         }
     }
 }
@@ -77,8 +74,13 @@ pub enum TracerError {
 pub enum BlockIoStatus {
     /// Not asked for.
     Disabled,
-    /// Attached to `block:<tracepoint>`.
-    Attached { tracepoint: &'static str },
+    /// Attached to the raw tracepoint `block:<tracepoint>` (and the bio merge tracepoints).
+    /// `page_owner`: whether kernel-thread I/O can be traced to the memory cgroup owning
+    /// its pages (why not, otherwise).
+    Attached {
+        tracepoint: &'static str,
+        page_owner: Result<(), String>,
+    },
     /// Asked for, but neither tracepoint could be used: the reason, for the logs and `check`.
     Unavailable(String),
 }
@@ -111,6 +113,8 @@ pub struct Tracer {
     running: PerCpuArray<MapData, RunningSlice>,
     stats: PerCpuArray<MapData, TracerStats>,
     block_io: PerCpuHashMap<MapData, BlockIoKey, BlockIoValue>,
+    vm_cgroups: BpfHashMap<MapData, u64, u32>,
+    vm_cgroup_set: HashSet<u64>,
     tracked_set: HashSet<u32>,
     track_all: bool,
     block_status: BlockIoStatus,
@@ -138,14 +142,17 @@ impl Tracer {
     /// Loads and attaches the programs. Needs root (or CAP_BPF + CAP_PERFMON).
     pub fn load(opts: &TracerOptions) -> Result<Self, TracerError> {
         raise_memlock_limit();
-        let pid_offset = u64::from(btf::member_offset(&opts.btf_path, "task_struct", "pid")?);
-        let flags_offset = u64::from(btf::member_offset(&opts.btf_path, "task_struct", "flags")?);
+        let btf = btf::Btf::load(&opts.btf_path)?;
+        let pid_offset = u64::from(btf.member_offset("task_struct", "pid")?);
+        let flags_offset = u64::from(btf.member_offset("task_struct", "flags")?);
         let track_all = u32::from(opts.track_all);
-        let block_fields = if opts.block_io {
-            block_io_fields(&opts.paths)
+        let block_offsets = if opts.block_io {
+            block_offsets(&btf)
         } else {
             Err(String::new())
         };
+        // The index of the kernel's BTF is tens of MB; nothing below needs it.
+        drop(btf);
         let mut loader = EbpfLoader::new();
         // No CO-RE relocations to resolve (offsets come in as globals), so aya need not
         // parse the kernel's BTF: that parse was most of the agent's peak memory.
@@ -154,13 +161,8 @@ impl Tracer {
             .override_global("TRACK_ALL", &track_all, true)
             .override_global("TASK_PID_OFFSET", &pid_offset, true)
             .override_global("TASK_FLAGS_OFFSET", &flags_offset, true);
-        let offsets;
-        if let Ok((_, o)) = &block_fields {
-            offsets = *o;
-            loader
-                .override_global("BIO_DEV_OFFSET", &offsets[0], true)
-                .override_global("BIO_BYTES_OFFSET", &offsets[1], true)
-                .override_global("BIO_RWBS_OFFSET", &offsets[2], true);
+        if let Ok((offsets, _)) = &block_offsets {
+            loader.override_global("BLOCK_OFFSETS", offsets, true);
         }
         let mut ebpf = loader.load(EBPF_OBJECT).map_err(TracerError::Load)?;
 
@@ -177,19 +179,14 @@ impl Tracer {
                 .map_err(prog_err("sched_switch_empty", "attach"))?;
         }
 
-        let block_status = match block_fields {
-            Ok((tracepoint, _)) if opts.block_io => {
-                let prog: &mut TracePoint = program(&mut ebpf, tracepoint)?;
-                match prog
-                    .load()
-                    .and_then(|()| prog.attach("block", tracepoint).map(|_| ()))
-                {
-                    Ok(()) => BlockIoStatus::Attached { tracepoint },
-                    Err(e) => BlockIoStatus::Unavailable(format!(
-                        "attaching block:{tracepoint} failed: {e}"
-                    )),
-                }
-            }
+        let block_status = match block_offsets {
+            Ok((_, page_owner)) if opts.block_io => match attach_block(&mut ebpf) {
+                Ok(tracepoint) => BlockIoStatus::Attached {
+                    tracepoint,
+                    page_owner,
+                },
+                Err(why) => BlockIoStatus::Unavailable(why),
+            },
             Err(why) if opts.block_io => BlockIoStatus::Unavailable(why),
             _ => BlockIoStatus::Disabled,
         };
@@ -204,6 +201,8 @@ impl Tracer {
             .map_err(map_err("STATS", "open"))?;
         let block_io = PerCpuHashMap::try_from(take_map(&mut ebpf, "BLOCK_IO")?)
             .map_err(map_err("BLOCK_IO", "open"))?;
+        let vm_cgroups = BpfHashMap::try_from(take_map(&mut ebpf, "VM_CGROUPS")?)
+            .map_err(map_err("VM_CGROUPS", "open"))?;
         Ok(Self {
             _ebpf: ebpf,
             tracked,
@@ -211,6 +210,8 @@ impl Tracer {
             running,
             stats,
             block_io,
+            vm_cgroups,
+            vm_cgroup_set: HashSet::new(),
             tracked_set: HashSet::new(),
             track_all: opts.track_all,
             block_status,
@@ -243,6 +244,23 @@ impl Tracer {
             let _ = self.tracked.remove(&tid);
         }
         self.tracked_set.clone_from(tids);
+        Ok(())
+    }
+
+    /// Makes the block programs record kernel-thread I/O on pages owned by exactly these
+    /// memory cgroups (kernfs ids of VMs' cgroups) with that owner.
+    pub fn set_vm_cgroups(&mut self, ids: &HashSet<u64>) -> Result<(), TracerError> {
+        for &id in ids.difference(&self.vm_cgroup_set) {
+            self.vm_cgroups
+                .insert(id, 1, 0)
+                .map_err(map_err("VM_CGROUPS", "insert"))?;
+        }
+        let gone: Vec<u64> = self.vm_cgroup_set.difference(ids).copied().collect();
+        for id in gone {
+            // Already absent is fine: the map is ours alone.
+            let _ = self.vm_cgroups.remove(&id);
+        }
+        self.vm_cgroup_set.clone_from(ids);
         Ok(())
     }
 
@@ -346,27 +364,75 @@ where
         .map_err(prog_err(name, "open"))
 }
 
-/// Picks the block tracepoint and its field offsets: `block_io_start` (6.5+, runs in the
-/// submitter's context), else `block_rq_issue`.
-fn block_io_fields(paths: &HostPaths) -> Result<(&'static str, [u64; 3]), String> {
+/// The kernel struct offsets the block programs need, from BTF, and whether the optional
+/// page-owner part resolved (kernels without memory cgroups have no `page::memcg_data`).
+fn block_offsets(btf: &btf::Btf) -> Result<(BlockOffsets, Result<(), String>), String> {
+    let off = |strukt: &'static str, member: &'static str| {
+        btf.member_offset(strukt, member)
+            .map_err(|e| format!("{e}: block I/O tracing reads the block structs of recent kernels (tested on Linux 6.18)"))
+    };
+    let mut o = BlockOffsets {
+        ready: 1,
+        rq_q: off("request", "q")?,
+        rq_cmd_flags: off("request", "cmd_flags")?,
+        rq_data_len: off("request", "__data_len")?,
+        rq_bio: off("request", "bio")?,
+        q_disk: off("request_queue", "disk")?,
+        disk_major: off("gendisk", "major")?,
+        disk_first_minor: off("gendisk", "first_minor")?,
+        bio_bdev: off("bio", "bi_bdev")?,
+        bio_opf: off("bio", "bi_opf")?,
+        bio_size: off("bio", "bi_iter")? + off("bvec_iter", "bi_size")?,
+        bio_io_vec: off("bio", "bi_io_vec")?,
+        bdev_disk: off("block_device", "bd_disk")?,
+        ..BlockOffsets::ZERO
+    };
+    let owner = (|| -> Result<(), String> {
+        let off = |strukt: &'static str, member: &'static str| {
+            btf.member_offset(strukt, member).map_err(|e| e.to_string())
+        };
+        o.bvec_page = off("bio_vec", "bv_page")?;
+        o.page_compound_head = off("page", "compound_head")?;
+        o.page_memcg_data = off("page", "memcg_data")?;
+        o.memcg_cgroup = off("mem_cgroup", "css")? + off("cgroup_subsys_state", "cgroup")?;
+        o.cgroup_kn = off("cgroup", "kn")?;
+        o.kn_id = off("kernfs_node", "id")?;
+        o.owner = 1;
+        Ok(())
+    })();
+    Ok((o, owner))
+}
+
+/// Attaches the block programs: requests at `block_io_start` (6.5+, in the submitter's
+/// context), else at `block_rq_issue`; bios merged into counted requests at both merge
+/// tracepoints. Returns the request tracepoint used.
+fn attach_block(ebpf: &mut Ebpf) -> Result<&'static str, String> {
+    let prog: &mut RawTracePoint = program(ebpf, "block_rq").map_err(|e| e.to_string())?;
+    prog.load()
+        .map_err(|e| format!("loading the block program failed: {e}"))?;
     let mut why = Vec::new();
+    let mut chosen = None;
     for tp in ["block_io_start", "block_rq_issue"] {
-        match tracefs::fields(&paths.sys, "block", tp, &["dev", "bytes", "rwbs"]) {
-            Ok(f) => {
-                if let [dev, bytes, rwbs] = f[..] {
-                    if dev.size == 4 && bytes.size == 4 && rwbs.size >= 8 {
-                        return Ok((tp, [dev.offset, bytes.offset, rwbs.offset].map(u64::from)));
-                    }
-                }
-                why.push(format!("block:{tp} has an unexpected record layout"));
+        match prog.attach(tp) {
+            Ok(_) => {
+                chosen = Some(tp);
+                break;
             }
-            Err(e) => why.push(e.to_string()),
+            Err(e) => why.push(format!("block:{tp}: {e}")),
         }
     }
-    Err(format!(
-        "no usable block tracepoint ({}); mount tracefs: mount -t tracefs nodev /sys/kernel/tracing",
-        why.join("; ")
-    ))
+    let tracepoint =
+        chosen.ok_or_else(|| format!("no usable block tracepoint ({})", why.join("; ")))?;
+    let merge: &mut RawTracePoint = program(ebpf, "block_bio_merge").map_err(|e| e.to_string())?;
+    merge
+        .load()
+        .map_err(|e| format!("loading the bio merge program failed: {e}"))?;
+    for tp in ["block_bio_backmerge", "block_bio_frontmerge"] {
+        merge
+            .attach(tp)
+            .map_err(|e| format!("attaching block:{tp} failed: {e}"))?;
+    }
+    Ok(tracepoint)
 }
 
 /// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`.

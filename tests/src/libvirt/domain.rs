@@ -15,6 +15,36 @@ use crate::env::find_tool;
 use crate::guest::{GuestImage, GuestPlan};
 use crate::proc::{alive, find_pids_by_args, run, run_ok, wait_gone};
 
+/// A raw disk file attached as virtio `vda`.
+#[derive(Debug, Clone, Copy)]
+pub struct Disk<'a> {
+    /// The raw image file on the host.
+    pub path: &'a Path,
+    /// How QEMU opens it.
+    pub cache: DiskCache,
+}
+
+/// How QEMU opens the disk file on the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiskCache {
+    /// `cache='none' io='native'`: O_DIRECT, QEMU's threads submit the guest's I/O
+    /// themselves.
+    Direct,
+    /// `cache='writeback'` (`io='threads'`): through the host page cache; kernel writeback
+    /// threads write it out later.
+    HostPageCache,
+}
+
+impl DiskCache {
+    /// The `cache` and `io` attributes of the disk's `<driver>` element.
+    fn driver_attrs(self) -> &'static str {
+        match self {
+            DiskCache::Direct => "cache='none' io='native'",
+            DiskCache::HostPageCache => "cache='writeback' io='threads'",
+        }
+    }
+}
+
 /// A transient libvirt domain running the test guest; `virsh destroy`ed (undefined if it
 /// turned persistent) on drop, and its QEMU killed if libvirt cannot do it.
 #[derive(Debug)]
@@ -32,15 +62,15 @@ impl Domain {
     /// Creates and starts a transient `<domain type='qemu'>` (TCG): `vcpus` vCPUs,
     /// 256 MiB, the guest image's kernel and initramfs with the plan's command line, the
     /// serial console to a log file in a temp dir and, if `disk` is given, that raw file as
-    /// virtio disk `vda` with `cache='none' io='native'`. Any name libvirt accepts works
-    /// (it is XML-escaped; only `/` is refused by libvirt).
+    /// virtio disk `vda`, opened the way its [`DiskCache`] says. Any name libvirt accepts
+    /// works (it is XML-escaped; only `/` is refused by libvirt).
     pub fn create(
         libvirtd: &Libvirtd,
         name: &str,
         image: &GuestImage,
         plan: &GuestPlan,
         vcpus: u32,
-        disk: Option<&Path>,
+        disk: Option<Disk<'_>>,
     ) -> anyhow::Result<Domain> {
         let uuid = new_uuid()?;
         let dir = tempfile::Builder::new()
@@ -217,7 +247,7 @@ struct DomainSpec<'a> {
     image: &'a GuestImage,
     cmdline: &'a str,
     console_log: &'a Path,
-    disk: Option<&'a Path>,
+    disk: Option<Disk<'a>>,
     emulator: Option<&'a Path>,
 }
 
@@ -232,9 +262,10 @@ fn domain_xml(spec: &DomainSpec<'_>) -> String {
         .map(|d| {
             format!(
                 "    <disk type='file' device='disk'>\n      \
-                 <driver name='qemu' type='raw' cache='none' io='native'/>\n      \
+                 <driver name='qemu' type='raw' {}/>\n      \
                  <source file='{}'/>\n      <target dev='vda' bus='virtio'/>\n    </disk>\n",
-                path(d)
+                d.cache.driver_attrs(),
+                path(d.path)
             )
         })
         .unwrap_or_default();
@@ -303,14 +334,48 @@ mod tests {
             image: &image,
             cmdline: "console=ttyS0",
             console_log: Path::new("/t/c.log"),
-            disk: Some(Path::new("/t/d.raw")),
+            disk: Some(Disk {
+                path: Path::new("/t/d&.raw"),
+                cache: DiskCache::Direct,
+            }),
             emulator: None,
         });
         assert!(xml.contains("<name>optimus test &quot;ü&quot; &lt;&amp;&gt;</name>"));
         assert!(xml.contains("<kernel>/c/k&amp;&lt;</kernel>"));
         assert!(xml.contains("<initrd>/c/i&apos;</initrd>"));
-        assert!(xml.contains("cache='none' io='native'"));
-        assert!(xml.contains("<source file='/t/d.raw'/>"));
+        assert!(xml.contains("<driver name='qemu' type='raw' cache='none' io='native'/>"));
+        assert!(xml.contains("<source file='/t/d&amp;.raw'/>"));
+        assert!(xml.contains("<target dev='vda' bus='virtio'/>"));
+    }
+
+    #[test]
+    fn disk_cache_modes() {
+        let image = GuestImage {
+            kernel: PathBuf::from("/c/k"),
+            initrd: PathBuf::from("/c/i"),
+        };
+        let xml = |disk| {
+            domain_xml(&DomainSpec {
+                name: "n",
+                uuid: "u",
+                vcpus: 1,
+                image: &image,
+                cmdline: "console=ttyS0",
+                console_log: Path::new("/t/c.log"),
+                disk,
+                emulator: None,
+            })
+        };
+        let cached = xml(Some(Disk {
+            path: Path::new("/t/d.raw"),
+            cache: DiskCache::HostPageCache,
+        }));
+        assert!(cached.contains("<driver name='qemu' type='raw' cache='writeback' io='threads'/>"));
+        assert!(cached.contains("<source file='/t/d.raw'/>"));
+        assert!(!cached.contains("cache='none'"));
+        let none = xml(None);
+        assert!(!none.contains("<disk"));
+        assert!(!none.contains("<driver"));
     }
 
     #[test]

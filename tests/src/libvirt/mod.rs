@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::bail;
 
 pub use daemon::Libvirtd;
-pub use domain::{xml_escape, Domain};
+pub use domain::{xml_escape, Disk, DiskCache, Domain};
 
 use crate::proc::run_ok;
 
