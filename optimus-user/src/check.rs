@@ -1,10 +1,12 @@
 //! `optimus check`: one screen that tells a new user what works on this host, what does
 //! not, why, and the fix. Exits non-zero when the tracer cannot run.
 
+use std::collections::HashSet;
 use std::process::ExitCode;
 
 use crate::cli::{EnergyArgs, HostArgs};
-use crate::discovery::{Discovery, LibvirtStatus};
+use crate::discovery::cgroup::VmCgroups;
+use crate::discovery::{Discovery, LibvirtStatus, VmId};
 use crate::energy::{EnergyMeters, MeterState};
 use crate::tracer::{btf, BlockIoStatus, Tracer, TracerOptions};
 
@@ -117,6 +119,7 @@ pub fn report(args: &HostArgs, energy: &EnergyArgs) -> Vec<Item> {
         ));
     }
 
+    let paths_proc = paths.proc.clone();
     let mut discovery = Discovery::new(paths, args.libvirt());
     let vms = discovery.scan();
     items.push(match discovery.libvirt_status() {
@@ -157,6 +160,9 @@ pub fn report(args: &HostArgs, energy: &EnergyArgs) -> Vec<Item> {
             ),
         )
     });
+    if !vms.is_empty() {
+        items.push(vm_cgroups_item(paths_proc, &vms));
+    }
     for m in EnergyMeters::open(&energy.config(args)).status() {
         let status = match m.state {
             MeterState::Active | MeterState::Standby => Status::Ok,
@@ -203,5 +209,41 @@ pub fn run(args: &HostArgs, energy: &EnergyArgs) -> ExitCode {
     } else {
         println!("\nReady: `optimus run` (or `cargo xtask run`).");
         ExitCode::SUCCESS
+    }
+}
+
+/// Which VMs have a memory cgroup of their own, so that kernel writeback of their pages
+/// is charged to them.
+fn vm_cgroups_item(proc_root: std::path::PathBuf, vms: &[crate::discovery::Vm]) -> Item {
+    let mut cgroups = VmCgroups::new(proc_root);
+    let list: Vec<_> = vms.iter().map(|vm| (vm.id.clone(), vm.pid)).collect();
+    cgroups.refresh(&list);
+    if let Some(why) = cgroups.unavailable() {
+        return item(Status::Warn, "VM cgroups", why.to_owned());
+    }
+    let owned: HashSet<&VmId> = cgroups.ids().filter_map(|id| cgroups.vm_of(id)).collect();
+    let shared: Vec<&str> = vms
+        .iter()
+        .filter(|vm| !owned.contains(&vm.id))
+        .map(|vm| vm.id.name.as_str())
+        .collect();
+    if shared.is_empty() {
+        item(
+            Status::Ok,
+            "VM cgroups",
+            format!(
+                "all {} VM(s) have a memory cgroup of their own: kernel writeback of their pages is charged to them",
+                vms.len()
+            ),
+        )
+    } else {
+        item(
+            Status::Warn,
+            "VM cgroups",
+            format!(
+                "{} share a memory cgroup with other processes: their kernel writeback stays unattributed (run them under libvirt or in a cgroup of their own)",
+                shared.join(", ")
+            ),
+        )
     }
 }

@@ -265,11 +265,12 @@ pub fn member_offset_in(
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    /// A tiny BTF blob: `int` and `struct task_struct { int state; int pid; int tgid; }`.
-    fn blob() -> Vec<u8> {
+    /// A tiny BTF blob: `int`, `struct task_struct { int state; int pid; int tgid; }` and a
+    /// `struct page` with an anonymous union.
+    pub(crate) fn blob() -> Vec<u8> {
         let strings =
             b"\0int\0task_struct\0state\0pid\0tgid\0page\0flags\0compound_head\0memcg_data\0";
         let name = |s: &str| -> u32 {

@@ -459,3 +459,42 @@ fn raise_memlock_limit() {
         log::debug!("setrlimit(RLIMIT_MEMLOCK) failed; fine on kernels 5.11 and later");
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn block_offsets_of_the_running_kernel() {
+        let path = std::path::Path::new("/sys/kernel/btf/vmlinux");
+        if !path.exists() {
+            assert_ne!(
+                std::env::var("CI").as_deref(),
+                Ok("true"),
+                "CI host has no BTF"
+            );
+            eprintln!(
+                "SKIPPED block_offsets_of_the_running_kernel: no {}",
+                path.display()
+            );
+            return;
+        }
+        let (o, owner) = block_offsets(&btf::Btf::load(path).unwrap()).unwrap();
+        assert_eq!(o.ready, 1);
+        // Every kernel with a BTF has memory cgroups built in (distribution configs do).
+        assert_eq!(owner, Ok(()));
+        assert_eq!(o.owner, 1);
+        // `struct request` starts with its queue; `page::compound_head` is the second word.
+        assert_eq!(o.rq_q, 0);
+        assert_eq!(o.page_compound_head, 8);
+        assert!(o.bio_size > o.bio_bdev && o.rq_bio > o.rq_data_len);
+    }
+
+    #[test]
+    fn a_kernel_without_the_block_structs_says_which_field() {
+        let btf = btf::Btf::parse(btf::tests::blob()).unwrap();
+        let why = block_offsets(&btf).unwrap_err();
+        assert!(why.contains("struct request has no member q"), "{why}");
+    }
+}
