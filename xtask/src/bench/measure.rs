@@ -196,7 +196,7 @@ impl Ctx<'_> {
         let storm = self.storm_loops()?;
         let before = bpf::counters_of(agent.pid())?;
         step(&format!(
-            "  ping-pong storm: {storm} loops on CPU 0, then 2,048 O_DIRECT writes"
+            "  ping-pong storm: {storm} loops on CPU 0, then 2,048 O_DIRECT writes and 512 buffered files + sync"
         ));
         workload::pingpong(storm)?;
         if let Err(e) = workload::block_writes(self.out, 2048) {

@@ -56,8 +56,10 @@ pub fn calibrate(
     Ok(units.max(1))
 }
 
-/// Direct (O_DIRECT) 4 KiB writes into a file under `dir`, so the block I/O program runs a
-/// known number of times at least; the file is removed afterwards.
+/// Block I/O that runs every block program path: `count` direct (O_DIRECT) 4 KiB writes
+/// (a process submits its own requests), then `count / 4` buffered 8 KiB files and a
+/// `sync` (kernel threads write them back, bios merge, the page-owner lookup runs). The
+/// files are removed afterwards.
 pub fn block_writes(dir: &Path, count: u32) -> Result<()> {
     let file = dir.join("block-io.bin");
     let result = Cmd::new("dd")
@@ -68,5 +70,16 @@ pub fn block_writes(dir: &Path, count: u32) -> Result<()> {
         .run_quiet()
         .context("writing with O_DIRECT to exercise the block I/O program");
     let _ = std::fs::remove_file(&file);
-    result
+    result?;
+    let small = dir.join("block-io-small");
+    let buffered = (|| -> Result<()> {
+        std::fs::create_dir_all(&small)?;
+        for i in 0..count / 4 {
+            std::fs::write(small.join(i.to_string()), [0x5a_u8; 8192])?;
+        }
+        Cmd::new("sync").run_quiet()
+    })()
+    .context("buffered writes and sync to exercise kernel writeback");
+    let _ = std::fs::remove_dir_all(&small);
+    buffered
 }
