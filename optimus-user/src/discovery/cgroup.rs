@@ -24,9 +24,10 @@
 //!
 //! Cost of [`VmCgroups::refresh`]: one read of `mountinfo`, and per VM one read of
 //! `<proc>/<pid>/cgroup` plus, per directory of its cgroup subtree, a `stat`, a read of
-//! `cgroup.procs` and a `readdir` (a few directories per VM).
+//! `cgroup.procs` and a `readdir` (a few directories per VM); VMs that share a directory
+//! cost only the first read. [`VmCgroups::update`] does that for new VMs only.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
 use std::fs;
 use std::os::unix::ffi::OsStrExt;
@@ -48,9 +49,15 @@ pub struct VmCgroups {
     proc_root: PathBuf,
     /// The memory controller's mount, or why none was found.
     mount: Result<MemoryMount, String>,
+    /// Per VM process (id, QEMU pid) looked up so far: the memory cgroup ids it exclusively
+    /// owns (empty when none).
+    resolved: HashMap<(VmId, u32), Vec<u64>>,
     /// Memory cgroup id (inode number of its directory) → the VM that exclusively owns it.
     owners: HashMap<u64, VmId>,
 }
+
+/// A VM and its QEMU process id.
+type VmProcess = (VmId, u32);
 
 /// Which cgroup version holds the memory controller.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -75,36 +82,65 @@ impl VmCgroups {
         VmCgroups {
             proc_root,
             mount: Err("memory cgroup controller not looked up yet".to_owned()),
+            resolved: HashMap::new(),
             owners: HashMap::new(),
         }
     }
 
-    /// Rebuilds the map for these VMs: (id, QEMU process pid). Cheap enough to call every
-    /// few seconds for 1,000 VMs only when needed; the caller rate-limits.
+    /// Rebuilds the map for these VMs: (id, QEMU process pid), re-reading
+    /// `<proc_root>/self/mountinfo` and every VM's cgroup. The caller rate-limits it (a
+    /// process that joins a VM's cgroup later unmaps the VM only at the next refresh).
     ///
-    /// Re-reads `<proc_root>/self/mountinfo` each time. A VM whose cgroup cannot be read, is
-    /// shared with other processes, or is the root cgroup is left unmapped (logged at debug
-    /// level); the other VMs are mapped regardless.
+    /// A VM whose cgroup cannot be read, is shared with other processes, or is the root
+    /// cgroup is left unmapped (logged at debug level); the other VMs are mapped regardless.
     pub fn refresh(&mut self, vms: &[(VmId, u32)]) {
-        self.owners.clear();
+        self.resolved.clear();
         self.mount = find_memory_mount(&self.proc_root);
+        self.update(vms);
+    }
+
+    /// Looks up only the VMs not seen since the last [`refresh`](Self::refresh) and
+    /// forgets the ones gone: cheap enough for every sample in which the VMs changed.
+    pub fn update(&mut self, vms: &[(VmId, u32)]) {
         let Ok(mount) = &self.mount else {
+            self.owners.clear();
             return;
         };
-        for (id, pid) in vms {
-            match vm_cgroup_ids(&self.proc_root, mount, *pid) {
-                Ok(ids) => {
-                    for cgroup_id in ids {
-                        self.owners.insert(cgroup_id, id.clone());
-                    }
+        let live: HashSet<&(VmId, u32)> = vms.iter().collect();
+        self.resolved.retain(|vm, _| live.contains(vm));
+        let new: Vec<(&VmProcess, Result<PathBuf, String>)> = vms
+            .iter()
+            .filter(|vm| !self.resolved.contains_key(*vm))
+            .map(|vm| (vm, vm_cgroup_dir(&self.proc_root, mount, vm.1)))
+            .collect();
+        // VMs in one directory share it: none owns it, and telling so needs no read of
+        // its (possibly long) cgroup.procs per VM.
+        let mut per_dir: HashMap<&Path, usize> = HashMap::new();
+        for dir in new.iter().filter_map(|(_, dir)| dir.as_ref().ok()) {
+            *per_dir.entry(dir.as_path()).or_default() += 1;
+        }
+        for ((id, pid), dir) in &new {
+            let ids = dir.clone().and_then(|dir| {
+                if per_dir.get(dir.as_path()).copied().unwrap_or(0) > 1 {
+                    return Err(format!("its cgroup {} holds other VMs too", dir.display()));
                 }
-                Err(why) => log::debug!(
+                exclusive_subtree(&self.proc_root, &dir, *pid)
+            });
+            let ids = ids.unwrap_or_else(|why| {
+                log::debug!(
                     "VM {} (pid {pid}): memory cgroup not mapped, its writeback I/O stays \
                      unattributed: {why}",
                     id.name
-                ),
-            }
+                );
+                Vec::new()
+            });
+            self.resolved.insert((id.clone(), *pid), ids);
         }
+        self.owners = self
+            .resolved
+            .iter()
+            .flat_map(|((id, _), ids)| ids.iter().map(move |&cg| (cg, id.clone())))
+            .collect();
     }
 
     /// The VM that exclusively owns memory cgroup `id`, if any.
@@ -228,9 +264,9 @@ fn lists_memory(controllers: &str) -> bool {
     controllers.split_ascii_whitespace().any(|c| c == "memory")
 }
 
-/// The ids of the memory cgroups that the QEMU process `pid` exclusively owns: its memory
-/// cgroup and every cgroup below it. `Err` says why there are none.
-fn vm_cgroup_ids(proc_root: &Path, mount: &MemoryMount, pid: u32) -> Result<Vec<u64>, String> {
+/// The directory of the memory cgroup the QEMU process `pid` is charged to (not the root
+/// cgroup). `Err` says why there is none.
+fn vm_cgroup_dir(proc_root: &Path, mount: &MemoryMount, pid: u32) -> Result<PathBuf, String> {
     let cgroup_path = memory_cgroup_path(proc_root, mount.version, pid)?;
     let rel = Path::new(OsStr::from_bytes(&cgroup_path))
         .strip_prefix(&mount.root)
@@ -254,7 +290,7 @@ fn vm_cgroup_ids(proc_root: &Path, mount: &MemoryMount, pid: u32) -> Result<Vec<
     if dir == mount.mount_point {
         return Err("it is in the root cgroup of the memory cgroup mount".to_owned());
     }
-    exclusive_subtree(proc_root, &dir, pid)
+    Ok(dir)
 }
 
 /// The cgroup path of `pid` in the hierarchy with the memory controller, from
@@ -495,6 +531,41 @@ mod tests {
         let mut cgroups = VmCgroups::new(fixture.proc());
         cgroups.refresh(vms);
         cgroups
+    }
+
+    #[test]
+    fn vms_sharing_one_cgroup_own_none_of_it() {
+        let f = Fixture::new();
+        f.v1();
+        let shared = f.cgroup("session", &[100, 200]);
+        f.v1_process(100, "/session");
+        f.v1_process(200, "/session");
+        let cgroups = refreshed(&f, &[(vm("a"), 100), (vm("b"), 200)]);
+        assert_eq!(cgroups.vm_of(shared), None);
+        assert_eq!(cgroups.ids().count(), 0);
+    }
+
+    #[test]
+    fn update_looks_up_new_vms_only_and_refresh_rereads_all() {
+        let f = Fixture::new();
+        f.v1();
+        let a = f.cgroup("machine/a", &[100]);
+        let b = f.cgroup("machine/b", &[200]);
+        f.v1_process(100, "/machine/a");
+        f.v1_process(200, "/machine/b");
+        let mut cgroups = refreshed(&f, &[(vm("a"), 100)]);
+        assert_eq!(cgroups.vm_of(a), Some(&vm("a")));
+        // Another process joins a's cgroup: a stays mapped until the next full refresh.
+        f.cgroup("machine/a", &[100, 300]);
+        cgroups.update(&[(vm("a"), 100), (vm("b"), 200)]);
+        assert_eq!(cgroups.vm_of(a), Some(&vm("a")));
+        assert_eq!(cgroups.vm_of(b), Some(&vm("b")));
+        cgroups.refresh(&[(vm("a"), 100), (vm("b"), 200)]);
+        assert_eq!(cgroups.vm_of(a), None);
+        assert_eq!(cgroups.vm_of(b), Some(&vm("b")));
+        // A VM gone is forgotten by an update.
+        cgroups.update(&[(vm("a"), 100)]);
+        assert_eq!(cgroups.vm_of(b), None);
     }
 
     #[test]

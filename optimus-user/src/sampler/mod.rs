@@ -88,8 +88,8 @@ pub struct Sampler {
     /// QEMU pid → VM, from the last two scans (a QEMU that exited since still has I/O to
     /// fold in).
     vm_pids: HashMap<u32, VmId>,
-    /// VMs' memory cgroups, for kernel writeback of their pages; rebuilt when the VMs
-    /// change and every [`CGROUP_REFRESH`] (libvirt adds sub-cgroups after start).
+    /// VMs' memory cgroups, for kernel writeback of their pages: new VMs looked up when
+    /// found, all re-read every [`CGROUP_REFRESH`].
     cgroups: VmCgroups,
     cgroups_for: Vec<(VmId, u32)>,
     cgroups_at: Option<Instant>,
@@ -97,8 +97,9 @@ pub struct Sampler {
     stats: AgentStats,
 }
 
-/// How often VMs' memory cgroups are re-read when the VMs did not change.
-const CGROUP_REFRESH: Duration = Duration::from_secs(10);
+/// How often every VM's memory cgroup is re-read (a process may join a VM's cgroup, or
+/// libvirt add sub-cgroups, after the VM was first seen).
+const CGROUP_REFRESH: Duration = Duration::from_secs(60);
 
 impl Sampler {
     pub fn new(
@@ -241,21 +242,25 @@ impl Sampler {
 }
 
 impl Sampler {
-    /// Lists the VMs' memory cgroups to the kernel when the VMs changed or the list is
-    /// [`CGROUP_REFRESH`] old.
+    /// Lists the VMs' memory cgroups to the kernel: new VMs' as soon as they are found, and
+    /// all of them afresh every [`CGROUP_REFRESH`].
     fn refresh_cgroups(&mut self, vms: &[crate::discovery::Vm]) {
-        let now: Vec<(VmId, u32)> = vms.iter().map(|vm| (vm.id.clone(), vm.pid)).collect();
+        let mut now: Vec<(VmId, u32)> = vms.iter().map(|vm| (vm.id.clone(), vm.pid)).collect();
+        now.sort_unstable_by_key(|(_, pid)| *pid);
         let stale = self
             .cgroups_at
             .is_none_or(|at| at.elapsed() >= CGROUP_REFRESH);
-        if now == self.cgroups_for && !stale {
-            return;
-        }
-        self.cgroups.refresh(&now);
-        if self.cgroups_at.is_none() {
-            if let Some(why) = self.cgroups.unavailable() {
+        if stale {
+            let first = self.cgroups_at.is_none();
+            self.cgroups.refresh(&now);
+            self.cgroups_at = Some(Instant::now());
+            if let Some(why) = self.cgroups.unavailable().filter(|_| first) {
                 log::warn!("{why}");
             }
+        } else if now != self.cgroups_for {
+            self.cgroups.update(&now);
+        } else {
+            return;
         }
         let ids: HashSet<u64> = self.cgroups.ids().collect();
         if let Err(e) = self.tracer.set_vm_cgroups(&ids) {
@@ -263,7 +268,6 @@ impl Sampler {
             log::warn!("cannot list the VMs' cgroups to the block program: {e}");
         }
         self.cgroups_for = now;
-        self.cgroups_at = Some(Instant::now());
     }
 }
 
