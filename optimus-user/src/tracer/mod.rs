@@ -151,7 +151,7 @@ impl Tracer {
         } else {
             Err(String::new())
         };
-        // The index of the kernel's BTF is tens of MB; nothing below needs it.
+        // The kernel's BTF (several MB here) is not needed below: free it before aya loads.
         drop(btf);
         let mut loader = EbpfLoader::new();
         // No CO-RE relocations to resolve (offsets come in as globals), so aya need not
