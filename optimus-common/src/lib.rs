@@ -64,8 +64,6 @@ pub struct BlockIoKey {
     pub tgid: u32,
     /// Device number of the whole disk as the kernel encodes it (`major << 20 | minor`).
     pub dev: u32,
-    /// cgroup id (`bpf_get_current_cgroup_id`) of the submitting task.
-    pub cgroup_id: u64,
     /// One of the `BLOCK_DIR_*` values.
     pub direction: u32,
     /// `1` when the submitter is a kernel thread (`PF_KTHREAD`): writeback, journal.
@@ -74,7 +72,7 @@ pub struct BlockIoKey {
     /// written or read, when userspace listed it in `VM_CGROUPS`; else 0.
     pub owner_cgroup_id: u64,
 }
-const _: () = assert!(size_of::<BlockIoKey>() == 32);
+const _: () = assert!(size_of::<BlockIoKey>() == 24);
 
 /// Bound of the map of VM-owned memory cgroups the block program looks page owners up in.
 pub const MAX_VM_CGROUPS: u32 = 16_384;

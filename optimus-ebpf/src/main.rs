@@ -2,7 +2,7 @@
 //!
 //! `sched_switch` charges on-CPU nanoseconds to tracked threads, per CPU (so attribution can
 //! charge the right package); `block_rq` and `block_bio_merge` count block I/O bytes and
-//! operations per submitting process, cgroup, device and (for kernel threads) page owner.
+//! operations per submitting process, device and (for kernel threads) page owner.
 //! No CO-RE here: every kernel struct field read is at an offset userspace takes from the
 //! kernel's BTF and sets as a global at load time.
 #![no_std]
@@ -10,8 +10,7 @@
 
 use aya_ebpf::{
     helpers::{
-        bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_current_task,
-        bpf_ktime_get_ns, bpf_probe_read_kernel,
+        bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel,
     },
     macros::{map, raw_tracepoint},
     maps::{HashMap, PerCpuArray, PerCpuHashMap},
@@ -61,7 +60,7 @@ static STATS: PerCpuArray<TracerStats> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 static VM_CGROUPS: HashMap<u64, u32> = HashMap::with_max_entries(MAX_VM_CGROUPS, 0);
 
-/// Block I/O per (process, cgroup, device, direction, page owner). Bounded: a full map
+/// Block I/O per (process, device, direction, page owner). Bounded: a full map
 /// counts a drop.
 #[map]
 static BLOCK_IO: PerCpuHashMap<BlockIoKey, BlockIoValue> =
@@ -252,8 +251,6 @@ fn account(
 ) {
     #[expect(clippy::cast_possible_truncation, reason = "the high half is the tgid")]
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    // SAFETY: bpf_get_current_cgroup_id has no preconditions.
-    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
     let kthread = current_is_kthread();
     // Only a kernel thread's I/O needs the pages' owner: a process's I/O is its own.
     let owner_cgroup_id = match bio {
@@ -263,7 +260,6 @@ fn account(
     let key = BlockIoKey {
         tgid,
         dev,
-        cgroup_id,
         direction,
         kthread: u32::from(kthread),
         owner_cgroup_id,

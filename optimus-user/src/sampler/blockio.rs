@@ -1,4 +1,4 @@
-//! Block I/O ledger: folds the kernel's per-(process, cgroup, device, direction) counters
+//! Block I/O ledger: folds the kernel's per-(process, device, direction, owner) counters
 //! into per-VM and per-device totals that never go backwards, and lets the tracer drop the
 //! entries of processes that have exited.
 //!
@@ -198,7 +198,6 @@ mod tests {
         BlockIoKey {
             tgid,
             dev: 253 << 20,
-            cgroup_id: 1,
             direction: dir,
             kthread: u32::from(tgid == 7),
             owner_cgroup_id: 0,

@@ -330,7 +330,7 @@ impl Tracer {
             }))
     }
 
-    /// Block I/O counters per (process, cgroup, device, direction), summed over CPUs.
+    /// Block I/O counters per (process, device, direction, page owner), summed over CPUs.
     pub fn read_block_io(&self) -> Result<Vec<(BlockIoKey, BlockIoValue)>, TracerError> {
         let mut out = Vec::new();
         for entry in self.block_io.iter() {
