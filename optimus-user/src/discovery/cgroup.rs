@@ -95,19 +95,26 @@ impl VmCgroups {
     /// cgroup is left unmapped (logged at debug level); the other VMs are mapped regardless.
     pub fn refresh(&mut self, vms: &[(VmId, u32)]) {
         self.resolved.clear();
+        self.owners.clear();
         self.mount = find_memory_mount(&self.proc_root);
         self.update(vms);
     }
 
     /// Looks up only the VMs not seen since the last [`refresh`](Self::refresh) and
-    /// forgets the ones gone: cheap enough for every sample in which the VMs changed.
-    pub fn update(&mut self, vms: &[(VmId, u32)]) {
+    /// forgets the ones gone: cheap enough for every sample. Returns whether the map
+    /// changed.
+    pub fn update(&mut self, vms: &[(VmId, u32)]) -> bool {
         let Ok(mount) = &self.mount else {
+            let changed = !self.owners.is_empty();
             self.owners.clear();
-            return;
+            return changed;
         };
         let live: HashSet<&(VmId, u32)> = vms.iter().collect();
+        let known = self.resolved.len();
         self.resolved.retain(|vm, _| live.contains(vm));
+        if self.resolved.len() == known && self.resolved.len() == live.len() {
+            return false;
+        }
         let new: Vec<(&VmProcess, Result<PathBuf, String>)> = vms
             .iter()
             .filter(|vm| !self.resolved.contains_key(*vm))
@@ -141,6 +148,7 @@ impl VmCgroups {
             .iter()
             .flat_map(|((id, _), ids)| ids.iter().map(move |&cg| (cg, id.clone())))
             .collect();
+        true
     }
 
     /// The VM that exclusively owns memory cgroup `id`, if any.

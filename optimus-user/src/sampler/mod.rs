@@ -91,7 +91,6 @@ pub struct Sampler {
     /// VMs' memory cgroups, for kernel writeback of their pages: new VMs looked up when
     /// found, all re-read every [`CGROUP_REFRESH`].
     cgroups: VmCgroups,
-    cgroups_for: Vec<(VmId, u32)>,
     cgroups_at: Option<Instant>,
     paths: HostPaths,
     stats: AgentStats,
@@ -118,7 +117,6 @@ impl Sampler {
             block_io: BlockIoLedger::default(),
             vm_pids: HashMap::new(),
             cgroups: VmCgroups::new(paths.proc.clone()),
-            cgroups_for: Vec::new(),
             cgroups_at: None,
             paths,
             stats: AgentStats::default(),
@@ -239,14 +237,11 @@ impl Sampler {
         self.block_io.retain_vms(|id| live.contains(id));
         self.vm_pids = current;
     }
-}
 
-impl Sampler {
     /// Lists the VMs' memory cgroups to the kernel: new VMs' as soon as they are found, and
     /// all of them afresh every [`CGROUP_REFRESH`].
     fn refresh_cgroups(&mut self, vms: &[crate::discovery::Vm]) {
-        let mut now: Vec<(VmId, u32)> = vms.iter().map(|vm| (vm.id.clone(), vm.pid)).collect();
-        now.sort_unstable_by_key(|(_, pid)| *pid);
+        let now: Vec<(VmId, u32)> = vms.iter().map(|vm| (vm.id.clone(), vm.pid)).collect();
         let stale = self
             .cgroups_at
             .is_none_or(|at| at.elapsed() >= CGROUP_REFRESH);
@@ -257,9 +252,7 @@ impl Sampler {
             if let Some(why) = self.cgroups.unavailable().filter(|_| first) {
                 log::warn!("{why}");
             }
-        } else if now != self.cgroups_for {
-            self.cgroups.update(&now);
-        } else {
+        } else if !self.cgroups.update(&now) {
             return;
         }
         let ids: HashSet<u64> = self.cgroups.ids().collect();
@@ -267,7 +260,6 @@ impl Sampler {
             self.stats.sample_errors += 1;
             log::warn!("cannot list the VMs' cgroups to the block program: {e}");
         }
-        self.cgroups_for = now;
     }
 }
 
