@@ -254,15 +254,6 @@ pub fn member_offset(
     Btf::load(path)?.member_offset(strukt, member)
 }
 
-/// Byte offset of `member` in `struct strukt` in BTF `data`.
-pub fn member_offset_in(
-    data: &[u8],
-    strukt: &'static str,
-    member: &'static str,
-) -> Result<u32, BtfError> {
-    Btf::parse(data.to_vec())?.member_offset(strukt, member)
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 pub(crate) mod tests {
@@ -347,9 +338,9 @@ pub(crate) mod tests {
 
     #[test]
     fn finds_member_offsets() {
-        let b = blob();
-        assert_eq!(member_offset_in(&b, "task_struct", "pid").unwrap(), 4);
-        assert_eq!(member_offset_in(&b, "task_struct", "tgid").unwrap(), 8);
+        let b = Btf::parse(blob()).unwrap();
+        assert_eq!(b.member_offset("task_struct", "pid").unwrap(), 4);
+        assert_eq!(b.member_offset("task_struct", "tgid").unwrap(), 8);
     }
 
     #[test]
@@ -367,15 +358,15 @@ pub(crate) mod tests {
     fn missing_member_and_garbage_are_errors() {
         let b = blob();
         assert!(matches!(
-            member_offset_in(&b, "task_struct", "comm"),
+            Btf::parse(b.clone()).and_then(|b| b.member_offset("task_struct", "comm")),
             Err(BtfError::NotFound { .. })
         ));
         assert!(matches!(
-            member_offset_in(&b[..30], "task_struct", "pid"),
+            Btf::parse(b[..30].to_vec()).and_then(|b| b.member_offset("task_struct", "pid")),
             Err(BtfError::Malformed(_))
         ));
         assert!(matches!(
-            member_offset_in(b"garbage", "task_struct", "pid"),
+            Btf::parse(b"garbage".to_vec()).and_then(|b| b.member_offset("task_struct", "pid")),
             Err(BtfError::Malformed(_))
         ));
     }
