@@ -26,5 +26,15 @@ fn main() -> anyhow::Result<()> {
             ..Default::default()
         }],
         aya_build::Toolchain::Custom(&toolchain),
-    )
+    )?;
+    // aya-build skipped the eBPF build: leave an empty object so the crate still compiles
+    // (`cargo check`, the fuzz crate); the tracer refuses to load it and says why.
+    let skipped =
+        std::env::var("AYA_BUILD_SKIP").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
+    let object =
+        std::path::PathBuf::from(std::env::var("OUT_DIR").context("OUT_DIR")?).join("optimus");
+    if skipped && !object.exists() {
+        std::fs::write(&object, b"").with_context(|| format!("writing {}", object.display()))?;
+    }
+    Ok(())
 }

@@ -15,9 +15,17 @@ pub const MAX_TRACKED_THREADS: u32 = 65_536;
 /// with more live threads than this.
 pub const MAX_THREADS_ALL: u32 = 65_536;
 
-/// Value of the tracked-threads map: which thread is charged. Userspace writes
-/// `TRACKED_YES`; the key is the thread id (the kernel's `pid`).
-pub const TRACKED_YES: u32 = 1;
+/// `PID_MAX_LIMIT` of 64-bit kernels (include/linux/threads.h): no tgid reaches it, so a
+/// bitmap of this many bits covers every process whatever `kernel.pid_max` says.
+pub const PID_MAX_LIMIT: u32 = 4 * 1024 * 1024;
+
+/// Bound of the map of processes that exec'd QEMU since the agent last looked (it empties
+/// it every interval).
+pub const MAX_EXECED: u32 = 1024;
+
+/// Words of the tracked-process bitmap (`TRACKED`): bit `tgid % 64` of word `tgid / 64` set
+/// means every thread of process `tgid` is charged. 512 KiB of kernel memory.
+pub const TRACKED_WORDS: u32 = PID_MAX_LIMIT / 64;
 
 /// What the program records about the thread that runs on one CPU right now, so that
 /// userspace can add the slice in progress at read time (a vCPU spinning for 10 s must show
@@ -47,14 +55,32 @@ pub struct TracerStats {
     pub charged: u64,
     /// Charges that could not be stored (map full).
     pub dropped: u64,
-    /// Reads of `next->pid` that failed.
+    /// Kernel reads (`bpf_probe_read_kernel` of `next->pid`, of a block request or bio)
+    /// that failed.
     pub read_errors: u64,
     /// Nanoseconds this CPU ran any task but its idle task, counted at each busy → idle
     /// edge (the busy stretch in progress is added by userspace at read time).
     /// Attribution's active/idle split rests on it.
     pub busy_ns: u64,
+    /// Process change events (fork, exec, exit, rename of a tracked process) that did not
+    /// fit in the event ring buffer: discovery then rescans /proc in full.
+    pub lost_events: u64,
 }
-const _: () = assert!(size_of::<TracerStats>() == 40);
+const _: () = assert!(size_of::<TracerStats>() == 48);
+
+/// Everything `sched_switch` keeps per CPU, in one map value so that a switch costs one
+/// lookup of it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CpuState {
+    pub slot: RunningSlice,
+    pub stats: TracerStats,
+}
+const _: () = assert!(size_of::<CpuState>() == 72);
+
+/// Bytes of the ring buffer of process change events (4-byte tgids in 16-byte records:
+/// about 16,000 changes per sampling interval before one is lost).
+pub const EVENTS_BYTES: u32 = 256 * 1024;
 
 /// Key of the block I/O map: who submitted how much to which device.
 #[repr(C)]
@@ -181,19 +207,72 @@ pub struct BlockIoValue {
 }
 const _: () = assert!(size_of::<BlockIoValue>() == 16);
 
+/// Bound of the map of live threads in the process tree `optimus measure` follows (exited
+/// threads leave it at `sched_process_exit`).
+pub const MAX_MEASURED_THREADS: u32 = 65_536;
+
+/// Value of the measured-tree map: a thread of the measured command, charged.
+pub const MEASURE_MEMBER: u32 = 1;
+/// Value of the measured-tree map: the thread that spawns the command. Its children join
+/// the tree; it is not charged itself.
+pub const MEASURE_SEED: u32 = 2;
+
+/// What the `optimus measure` switch program records about the thread on one CPU now.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MeasureSlice {
+    /// Thread id now on this CPU (0: the idle task or unknown).
+    pub tid: u32,
+    /// `1` when that thread was in the measured tree when it was switched in.
+    pub member: u32,
+    /// Its `se.sum_exec_runtime` (the kernel's own on-CPU nanoseconds, what schedstat and
+    /// getrusage report) when it was switched in.
+    pub sum_exec_in: u64,
+    /// `bpf_ktime_get_ns()` when it was switched in (members only): userspace adds the
+    /// slice in progress at read time.
+    pub since_ns: u64,
+    /// When this CPU last left its idle task; 0 while it is idle (or not yet known).
+    pub busy_since_ns: u64,
+}
+const _: () = assert!(size_of::<MeasureSlice>() == 32);
+
+/// Per-CPU counters of the measured process tree since the programs were loaded.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MeasureCounters {
+    /// On-CPU nanoseconds of the tree's threads on this CPU (closed slices).
+    pub cpu_ns: u64,
+    /// Nanoseconds this CPU ran anything but its idle task (closed busy stretches).
+    pub busy_ns: u64,
+    /// Bytes the tree's threads submitted to block devices, read and written.
+    pub read_bytes: u64,
+    pub write_bytes: u64,
+    /// Threads that joined the tree.
+    pub forks: u64,
+    /// Threads that could not join it (map full) and are not counted.
+    pub dropped: u64,
+}
+const _: () = assert!(size_of::<MeasureCounters>() == 48);
+
 #[cfg(feature = "user")]
 mod pod {
-    // SAFETY: all five are repr(C), Copy, hold only integers and have no implicit padding
+    // SAFETY: all of them are repr(C), Copy, hold only integers and have no implicit padding
     // (sizes pinned above), so any byte pattern is a valid value.
     unsafe impl aya::Pod for super::RunningSlice {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::TracerStats {}
+    // SAFETY: repr(C), two Pod structs, no padding (size pinned above).
+    unsafe impl aya::Pod for super::CpuState {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::BlockIoKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::BlockIoValue {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::BlockOffsets {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::MeasureSlice {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::MeasureCounters {}
 }
 
 #[cfg(test)]

@@ -3,22 +3,34 @@
 //! `sched_switch` charges on-CPU nanoseconds to tracked threads, per CPU (so attribution can
 //! charge the right package); `block_rq` and `block_bio_merge` count block I/O bytes and
 //! operations per submitting process, device and (for kernel threads) page owner.
+//! [`measure`] holds the programs of `optimus measure` (one command's process tree).
 //! No CO-RE here: every kernel struct field read is at an offset userspace takes from the
 //! kernel's BTF and sets as a global at load time.
+//!
+//! The rare error paths (a failed `bpf_probe_read_kernel`, a full map) log through aya-log
+//! at debug level, shown by the agent at `--log-level debug` (its loader turns the level
+//! off otherwise). They log the 1st, 2nd, 4th, 8th... occurrence per CPU only
+//! ([`rare`]), so a broken offset cannot flood the ring buffer; the hot path has no log
+//! call at all.
 #![no_std]
 #![no_main]
 
+mod measure;
+
 use aya_ebpf::{
     helpers::{
-        bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel,
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns,
+        bpf_probe_read_kernel,
     },
-    macros::{map, raw_tracepoint},
-    maps::{HashMap, PerCpuArray, PerCpuHashMap},
-    programs::RawTracePointContext,
+    macros::{btf_tracepoint, map, raw_tracepoint},
+    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    programs::{BtfTracePointContext, RawTracePointContext},
+    EbpfContext,
 };
+use aya_log_ebpf::debug;
 use optimus_common::{
-    block_direction, BlockIoKey, BlockIoValue, BlockOffsets, RunningSlice, TracerStats,
-    MAX_TRACKED_THREADS, MAX_VM_CGROUPS,
+    block_direction, BlockIoKey, BlockIoValue, BlockOffsets, CpuState, TracerStats, EVENTS_BYTES,
+    MAX_EXECED, MAX_TRACKED_THREADS, MAX_VM_CGROUPS, TRACKED_WORDS,
 };
 
 // Settings written by userspace at load time (`EbpfLoader::override_global`). Read them
@@ -27,9 +39,10 @@ use optimus_common::{
 /// Non-zero: charge every thread, not only the tracked ones.
 #[no_mangle]
 static TRACK_ALL: u32 = 0;
-/// Byte offset of `pid` (the thread id) in `struct task_struct`, from the kernel's BTF.
+/// Byte offset of `pid` (the thread id) in `struct task_struct`, from the kernel's BTF;
+/// `tgid` follows it (userspace checks), so one 8-byte read gets both.
 #[no_mangle]
-static TASK_PID_OFFSET: u64 = 0;
+pub(crate) static TASK_PID_OFFSET: u64 = 0;
 /// Byte offset of `flags` in `struct task_struct`, from the kernel's BTF.
 #[no_mangle]
 static TASK_FLAGS_OFFSET: u64 = 0;
@@ -39,21 +52,32 @@ const PF_KTHREAD: u32 = 0x0020_0000;
 #[no_mangle]
 static BLOCK_OFFSETS: BlockOffsets = BlockOffsets::ZERO;
 
-/// Thread ids to charge (value `TRACKED_YES`), written by userspace from VM discovery.
+/// Processes whose threads are charged, a bitmap by tgid (bit `tgid % 64` of word
+/// `tgid / 64`), written by userspace from VM discovery. Keyed by process, not thread: a
+/// tracked QEMU's new threads are charged from their first switch, before any scan has seen
+/// them. An array lookup is inlined by the verifier (no helper call, no hashing).
 #[map]
-static TRACKED: HashMap<u32, u32> = HashMap::with_max_entries(MAX_TRACKED_THREADS, 0);
+static TRACKED: Array<u64> = Array::with_max_entries(TRACKED_WORDS, 0);
+
+/// Processes that exec'd a QEMU binary since userspace last emptied this map: their bit in
+/// [`TRACKED`] was set at exec, and userspace keeps it only if discovery then finds a VM.
+#[map]
+static EXECED: HashMap<u32, u32> = HashMap::with_max_entries(MAX_EXECED, 0);
+
+/// Processes (tgids) whose threads or identity changed: a tracked process forked, lost a
+/// thread, renamed one or exec'd, or a process became QEMU. Discovery re-reads only
+/// these in /proc instead of listing every process each interval.
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
 
 /// On-CPU nanoseconds per thread id, one value per CPU.
 #[map]
 static CPU_NS: PerCpuHashMap<u32, u64> = PerCpuHashMap::with_max_entries(MAX_TRACKED_THREADS, 0);
 
-/// The thread on each CPU now and since when (one slot per CPU).
+/// Per CPU: the thread on it now and since when, and the tracer's own counters, in one
+/// value so a switch looks up one map entry.
 #[map]
-static RUNNING: PerCpuArray<RunningSlice> = PerCpuArray::with_max_entries(1, 0);
-
-/// The tracer's own counters (one slot per CPU).
-#[map]
-static STATS: PerCpuArray<TracerStats> = PerCpuArray::with_max_entries(1, 0);
+static CPU_STATE: PerCpuArray<CpuState> = PerCpuArray::with_max_entries(1, 0);
 
 /// Memory cgroups (kernfs ids) that belong to a VM, written by userspace: a kernel thread's
 /// I/O on pages they own is recorded with that owner.
@@ -66,31 +90,61 @@ static VM_CGROUPS: HashMap<u64, u32> = HashMap::with_max_entries(MAX_VM_CGROUPS,
 static BLOCK_IO: PerCpuHashMap<BlockIoKey, BlockIoValue> =
     PerCpuHashMap::with_max_entries(16_384, 0);
 
-/// `sched_switch(bool preempt, struct task_struct *prev, struct task_struct *next, ...)`.
-/// Raw tracepoint: measured a little cheaper than tp_btf and the classic tracepoint here.
-#[raw_tracepoint(tracepoint = "sched_switch")]
-pub fn sched_switch(ctx: RawTracePointContext) -> i32 {
-    try_sched_switch(&ctx);
+/// `sched_switch(bool preempt, struct task_struct *prev, struct task_struct *next, ...)` as
+/// a BTF tracepoint: `next` is a pointer the verifier trusts, so `next->pid` and
+/// `next->tgid` are two plain loads (checked against the kernel's BTF at load time, the
+/// offsets being constants of the read-only `.rodata`) instead of a `bpf_probe_read_kernel`
+/// call. The agent falls back to [`ss_raw`] where this cannot load.
+#[btf_tracepoint(function = "sched_switch")]
+pub fn sched_switch(ctx: BtfTracePointContext) -> i32 {
+    let next: *const u8 = ctx.arg(2);
+    let offset = read_global(&TASK_PID_OFFSET);
+    let ids = if next.is_null() || offset == 0 {
+        None
+    } else {
+        // SAFETY: `next` is the kernel's trusted `task_struct *`; the verifier checks these
+        // loads against its BTF (pid and tgid, two adjacent `pid_t`s) and guards them.
+        let (pid, tgid) = unsafe {
+            (
+                core::ptr::read_volatile(next.wrapping_add(offset).cast::<i32>()),
+                core::ptr::read_volatile(next.wrapping_add(offset + 4).cast::<i32>()),
+            )
+        };
+        u32::try_from(pid).ok().zip(u32::try_from(tgid).ok())
+    };
+    try_sched_switch(&ctx, ids);
     0
 }
 
-/// An empty program on the same hook, the baseline `cargo xtask bench` compares against.
+/// The same as a raw tracepoint, reading `next`'s ids with `bpf_probe_read_kernel`: for
+/// kernels where the BTF tracepoint cannot load.
 #[raw_tracepoint(tracepoint = "sched_switch")]
-pub fn sched_switch_empty(_ctx: RawTracePointContext) -> i32 {
+pub fn ss_raw(ctx: RawTracePointContext) -> i32 {
+    try_sched_switch(&ctx, read_next_ids(&ctx));
+    0
+}
+
+/// An empty program on the same hook as [`sched_switch`], the baseline `cargo xtask bench`
+/// compares against.
+#[btf_tracepoint(function = "sched_switch")]
+pub fn sched_switch_empty(_ctx: BtfTracePointContext) -> i32 {
+    0
+}
+
+/// An empty program on the same hook as [`ss_raw`].
+#[raw_tracepoint(tracepoint = "sched_switch")]
+pub fn ss_raw_empty(_ctx: RawTracePointContext) -> i32 {
     0
 }
 
 #[inline(always)]
-fn try_sched_switch(ctx: &RawTracePointContext) {
-    let Some(stats) = STATS.get_ptr_mut(0) else {
+fn try_sched_switch<C: EbpfContext>(ctx: &C, next_ids: Option<(u32, u32)>) {
+    let Some(state) = CPU_STATE.get_ptr_mut(0) else {
         return;
     };
-    let Some(slot) = RUNNING.get_ptr_mut(0) else {
-        return;
-    };
-    // SAFETY: per-CPU slots of this CPU; the program cannot be preempted on its CPU while it
-    // runs, so nobody else writes them now.
-    let (stats, slot) = unsafe { (&mut *stats, &mut *slot) };
+    // SAFETY: this CPU's slot; the program cannot be preempted on its CPU while it runs, so
+    // nobody else writes it now.
+    let CpuState { slot, stats } = unsafe { &mut *state };
     stats.switches += 1;
 
     // At sched_switch `current` is still the outgoing task.
@@ -99,14 +153,22 @@ fn try_sched_switch(ctx: &RawTracePointContext) {
         reason = "the low half is the thread id"
     )]
     let prev = bpf_get_current_pid_tgid() as u32;
-    let next = match read_next_tid(ctx) {
-        Some(tid) => tid,
+    let (next, next_tgid) = match next_ids {
+        Some(ids) => ids,
         None => {
             stats.read_errors += 1;
-            0
+            if rare(stats.read_errors) {
+                debug!(
+                    ctx,
+                    target: LOG_TARGET,
+                    "sched_switch: reading next->pid failed ({} times on this CPU)",
+                    stats.read_errors
+                );
+            }
+            (0, 0)
         }
     };
-    let next_tracked = next != 0 && is_tracked(next);
+    let next_tracked = next != 0 && is_tracked(next_tgid);
     // tid 0 is this CPU's idle task; an empty slot (first switch after load) names nobody.
     let charge_prev = slot.tracked != 0 && slot.tid == prev && prev != 0;
     // Busy time changes only at idle edges (and must start being counted once per CPU).
@@ -120,60 +182,203 @@ fn try_sched_switch(ctx: &RawTracePointContext) {
     }
     let now = unsafe_ktime();
     if charge_prev {
-        charge(prev, now.saturating_sub(slot.since_ns), stats);
+        charge(ctx, prev, now.saturating_sub(slot.since_ns), stats);
     }
     if busy_edge {
-        if next == 0 {
-            if slot.busy_since_ns != 0 {
-                stats.busy_ns += now.saturating_sub(slot.busy_since_ns);
-            }
-            slot.busy_since_ns = 0;
-        } else if slot.busy_since_ns == 0 {
-            slot.busy_since_ns = now;
-        }
+        busy_edge_at(next, now, &mut slot.busy_since_ns, &mut stats.busy_ns);
     }
     if next_tracked {
         slot.since_ns = now;
     }
 }
 
+/// `sched_process_exec(struct task_struct *p, pid_t old_pid, struct linux_binprm *bprm)`,
+/// in the exec'ing task after its comm became the new binary's name: a process that
+/// becomes QEMU is tracked from its first instruction on, not from the next discovery scan
+/// (a new VM's threads are charged from their first switch).
+#[raw_tracepoint(tracepoint = "sched_process_exec")]
+pub fn qemu_exec(_ctx: RawTracePointContext) -> i32 {
+    let Ok(comm) = bpf_get_current_comm() else {
+        return 0;
+    };
+    #[expect(clippy::cast_possible_truncation, reason = "the high half is the tgid")]
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    if !looks_like_qemu(&comm) {
+        // A VM's QEMU that execs something else is a VM no more.
+        if process_tracked(tgid) {
+            changed(tgid);
+        }
+        return 0;
+    }
+    if let Some(word) = TRACKED.get_ptr_mut(tgid / 64) {
+        // SAFETY: an element of an array map. Not atomic: userspace rewrites a word only
+        // when one of its own bits in it changes, and re-sets this bit from EXECED at its
+        // next step if that write raced this one.
+        unsafe { *word |= 1 << (tgid % 64) };
+    }
+    // Full (1,024 QEMU execs within one interval): the next scan finds it anyway.
+    let _ = EXECED.insert(&tgid, &1, 0);
+    changed(tgid);
+    0
+}
+
+/// `sched_process_fork(struct task_struct *parent, struct task_struct *child)`, in the
+/// parent: a tracked process gained a thread (or forked a process of its own).
+#[raw_tracepoint(tracepoint = "sched_process_fork")]
+pub fn task_fork(ctx: RawTracePointContext) -> i32 {
+    #[expect(clippy::cast_possible_truncation, reason = "the high half is the tgid")]
+    let parent = (bpf_get_current_pid_tgid() >> 32) as u32;
+    if !process_tracked(parent) {
+        return 0;
+    }
+    changed(parent);
+    if let Some((_, child)) = read_task_ids(ctx.arg(1)) {
+        if child != parent {
+            changed(child);
+        }
+    }
+    0
+}
+
+/// `sched_process_exit(struct task_struct *p)`, in the exiting thread.
+#[raw_tracepoint(tracepoint = "sched_process_exit")]
+pub fn task_exit(_ctx: RawTracePointContext) -> i32 {
+    #[expect(clippy::cast_possible_truncation, reason = "the high half is the tgid")]
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    if process_tracked(tgid) {
+        changed(tgid);
+    }
+    0
+}
+
+/// `task_rename(struct task_struct *task, const char *comm)`: QEMU names its threads (`CPU
+/// 0/KVM`, `IO ...`) just after creating them, which is what classifies them.
+#[raw_tracepoint(tracepoint = "task_rename")]
+pub fn task_rename(ctx: RawTracePointContext) -> i32 {
+    if let Some((_, tgid)) = read_task_ids(ctx.arg(0)) {
+        if process_tracked(tgid) {
+            changed(tgid);
+        }
+    }
+    0
+}
+
+/// Tells discovery that process `tgid` changed; a full ring buffer is counted, and makes
+/// discovery rescan everything.
 #[inline(always)]
-fn unsafe_ktime() -> u64 {
+fn changed(tgid: u32) {
+    // BPF_RB_NO_WAKEUP: userspace drains the buffer once per interval, nobody waits on it.
+    if EVENTS.output::<u32>(tgid, 1).is_err() {
+        if let Some(state) = CPU_STATE.get_ptr_mut(0) {
+            // SAFETY: this CPU's slot; nobody else writes it now.
+            unsafe { (*state).stats.lost_events += 1 };
+        }
+    }
+}
+
+/// Whether process `tgid`'s bit is set in [`TRACKED`] (whatever `TRACK_ALL` says).
+#[inline(always)]
+fn process_tracked(tgid: u32) -> bool {
+    TRACKED
+        .get(tgid / 64)
+        .is_some_and(|word| word & (1 << (tgid % 64)) != 0)
+}
+
+/// Whether a comm is that of a QEMU binary (`qemu-system-*`, `qemu-kvm`), as discovery
+/// judges it (`discovery::procfs::looks_like_qemu`).
+#[inline(always)]
+fn looks_like_qemu(comm: &[u8; 16]) -> bool {
+    const SYSTEM: &[u8; 12] = b"qemu-system-";
+    const KVM: &[u8; 8] = b"qemu-kvm";
+    let mut system = true;
+    let mut kvm = true;
+    let mut i = 0;
+    while i < SYSTEM.len() {
+        system &= comm[i] == SYSTEM[i];
+        if i < KVM.len() {
+            kvm &= comm[i] == KVM[i];
+        }
+        i += 1;
+    }
+    system || kvm
+}
+
+/// The log target the agent's `--log-level` filters eBPF records by.
+const LOG_TARGET: &str = "optimus::ebpf";
+
+/// Whether the `n`th occurrence (from 1) of an error is logged: 1, 2, 4, 8, ...
+#[inline(always)]
+fn rare(n: u64) -> bool {
+    n & n.wrapping_sub(1) == 0
+}
+
+/// At a busy/idle edge of this CPU (`next == 0`: it goes idle), closes the busy stretch
+/// into `busy_ns` or opens one.
+#[inline(always)]
+pub(crate) fn busy_edge_at(next: u32, now: u64, busy_since_ns: &mut u64, busy_ns: &mut u64) {
+    if next == 0 {
+        if *busy_since_ns != 0 {
+            *busy_ns += now.saturating_sub(*busy_since_ns);
+        }
+        *busy_since_ns = 0;
+    } else if *busy_since_ns == 0 {
+        *busy_since_ns = now;
+    }
+}
+
+#[inline(always)]
+pub(crate) fn unsafe_ktime() -> u64 {
     // SAFETY: bpf_ktime_get_ns has no preconditions.
     unsafe { bpf_ktime_get_ns() }
 }
 
 #[inline(always)]
-fn is_tracked(tid: u32) -> bool {
+fn is_tracked(tgid: u32) -> bool {
     // SAFETY: reading a global set once at load time.
     if unsafe { core::ptr::read_volatile(&TRACK_ALL) } != 0 {
         return true;
     }
-    TRACKED.get_ptr(tid).is_some()
+    process_tracked(tgid)
 }
 
+/// `next->pid` and `next->tgid` of the task switched in.
 #[inline(always)]
-fn read_next_tid(ctx: &RawTracePointContext) -> Option<u32> {
-    let next: *const u8 = ctx.arg(2);
+fn read_next_ids(ctx: &RawTracePointContext) -> Option<(u32, u32)> {
+    read_task_ids(ctx.arg(2))
+}
+
+/// A task's `pid` and `tgid`, adjacent in `task_struct`, in one kernel read.
+#[inline(always)]
+fn read_task_ids(task: *const u8) -> Option<(u32, u32)> {
     // SAFETY: reading a global set once at load time.
     let offset = unsafe { core::ptr::read_volatile(&TASK_PID_OFFSET) };
-    if next.is_null() || offset == 0 {
+    if task.is_null() || offset == 0 {
         return None;
     }
     // SAFETY: bpf_probe_read_kernel checks the address; a bad one returns an error.
-    let pid: i32 =
-        unsafe { bpf_probe_read_kernel(next.wrapping_add(offset as usize).cast()) }.ok()?;
-    u32::try_from(pid).ok()
+    let ids: [i32; 2] =
+        unsafe { bpf_probe_read_kernel(task.wrapping_add(offset as usize).cast()) }.ok()?;
+    Some((u32::try_from(ids[0]).ok()?, u32::try_from(ids[1]).ok()?))
 }
 
 #[inline(always)]
-fn charge(tid: u32, ns: u64, stats: &mut TracerStats) {
+fn charge<C: EbpfContext>(ctx: &C, tid: u32, ns: u64, stats: &mut TracerStats) {
     stats.charged += 1;
     if let Some(total) = CPU_NS.get_ptr_mut(tid) {
         // SAFETY: this CPU's value of a per-CPU map entry; nobody else writes it now.
         unsafe { *total += ns };
     } else if CPU_NS.insert(tid, ns, 0).is_err() {
         stats.dropped += 1;
+        if rare(stats.dropped) {
+            debug!(
+                ctx,
+                target: LOG_TARGET,
+                "sched_switch: CPU_NS is full, {} ns of thread {} dropped ({} drops on this CPU)",
+                ns,
+                tid,
+                stats.dropped
+            );
+        }
     }
 }
 
@@ -183,7 +388,7 @@ fn charge(tid: u32, ns: u64, stats: &mut TracerStats) {
 #[raw_tracepoint(tracepoint = "block_io_start")]
 pub fn block_rq(ctx: RawTracePointContext) -> i32 {
     let rq: *const u8 = ctx.arg(0);
-    try_block_rq(rq);
+    try_block_rq(&ctx, rq);
     0
 }
 
@@ -193,12 +398,12 @@ pub fn block_rq(ctx: RawTracePointContext) -> i32 {
 #[raw_tracepoint(tracepoint = "block_bio_backmerge")]
 pub fn block_bio_merge(ctx: RawTracePointContext) -> i32 {
     let bio: *const u8 = ctx.arg(0);
-    try_block_bio_merge(bio);
+    try_block_bio_merge(&ctx, bio);
     0
 }
 
 #[inline(always)]
-fn try_block_rq(rq: *const u8) {
+fn try_block_rq(ctx: &RawTracePointContext, rq: *const u8) {
     let o = block_offsets();
     if o.ready == 0 {
         return;
@@ -207,27 +412,54 @@ fn try_block_rq(rq: *const u8) {
         read::<u32>(rq, o.rq_cmd_flags),
         read::<u32>(rq, o.rq_data_len),
     ) else {
+        if let Some(n) = count_read_error() {
+            debug!(
+                ctx,
+                target: LOG_TARGET,
+                "block_rq: reading struct request failed ({} failed reads on this CPU)",
+                n
+            );
+        }
         return;
     };
     let disk = read_ptr(rq, o.rq_q).and_then(|q| read_ptr(q, o.q_disk));
     let dev = disk.map_or(0, |d| disk_dev(d, &o));
     let bio = read_ptr(rq, o.rq_bio);
-    account(dev, block_direction(opf), bytes, 1, bio, &o);
+    account(ctx, dev, block_direction(opf), bytes, 1, bio, &o);
 }
 
 #[inline(always)]
-fn try_block_bio_merge(bio: *const u8) {
+fn try_block_bio_merge(ctx: &RawTracePointContext, bio: *const u8) {
     let o = block_offsets();
     if o.ready == 0 {
         return;
     }
     let (Some(opf), Some(bytes)) = (read::<u32>(bio, o.bio_opf), read::<u32>(bio, o.bio_size))
     else {
+        if let Some(n) = count_read_error() {
+            debug!(
+                ctx,
+                target: LOG_TARGET,
+                "block_bio_merge: reading struct bio failed ({} failed reads on this CPU)",
+                n
+            );
+        }
         return;
     };
     let disk = read_ptr(bio, o.bio_bdev).and_then(|b| read_ptr(b, o.bdev_disk));
     let dev = disk.map_or(0, |d| disk_dev(d, &o));
-    account(dev, block_direction(opf), bytes, 0, Some(bio), &o);
+    account(ctx, dev, block_direction(opf), bytes, 0, Some(bio), &o);
+}
+
+/// Counts a failed kernel read of a block program; the count when it is one to log
+/// ([`rare`]).
+#[inline(always)]
+fn count_read_error() -> Option<u64> {
+    let state = CPU_STATE.get_ptr_mut(0)?;
+    // SAFETY: this CPU's slot; nobody else writes it now.
+    let stats = unsafe { &mut (*state).stats };
+    stats.read_errors += 1;
+    rare(stats.read_errors).then_some(stats.read_errors)
 }
 
 /// `MKDEV(major, first_minor)` of a gendisk, in the kernel's encoding: the whole disk.
@@ -242,6 +474,7 @@ fn disk_dev(disk: *const u8, o: &BlockOffsets) -> u32 {
 
 #[inline(always)]
 fn account(
+    ctx: &RawTracePointContext,
     dev: u32,
     direction: u32,
     bytes: u32,
@@ -276,9 +509,20 @@ fn account(
             ops,
         };
         if BLOCK_IO.insert(&key, &v, 0).is_err() {
-            if let Some(stats) = STATS.get_ptr_mut(0) {
+            if let Some(state) = CPU_STATE.get_ptr_mut(0) {
                 // SAFETY: this CPU's slot; nobody else writes it now.
-                unsafe { (*stats).dropped += 1 };
+                let stats = unsafe { &mut (*state).stats };
+                stats.dropped += 1;
+                if rare(stats.dropped) {
+                    debug!(
+                        ctx,
+                        target: LOG_TARGET,
+                        "block I/O: BLOCK_IO is full, {} bytes of process {} dropped ({} drops on this CPU)",
+                        bytes,
+                        tgid,
+                        stats.dropped
+                    );
+                }
             }
         }
     }
@@ -323,13 +567,13 @@ fn page_owner(bio: *const u8, o: &BlockOffsets) -> u64 {
 const MEMCG_DATA_FLAGS: u64 = 0x3;
 
 #[inline(always)]
-fn block_offsets() -> BlockOffsets {
+pub(crate) fn block_offsets() -> BlockOffsets {
     // SAFETY: reading a global set once at load time.
     unsafe { core::ptr::read_volatile(&BLOCK_OFFSETS) }
 }
 
 #[inline(always)]
-fn read<T>(base: *const u8, offset: u32) -> Option<T> {
+pub(crate) fn read<T>(base: *const u8, offset: u32) -> Option<T> {
     if base.is_null() {
         return None;
     }
@@ -362,7 +606,7 @@ fn current_is_kthread() -> bool {
 }
 
 #[inline(always)]
-fn read_global(v: &u64) -> usize {
+pub(crate) fn read_global(v: &u64) -> usize {
     // SAFETY: reading a global set once at load time.
     let off = unsafe { core::ptr::read_volatile(v) };
     off as usize

@@ -32,19 +32,34 @@ pub const IO_FAILED_MARKER: &str = "OPTIMUS-IO-FAILED";
 
 /// virtio modules the guest loads, in dependency order (the cloud kernel builds them as
 /// modules, so a guest without them sees no `/dev/vda`).
-const MODULES: [&str; 6] = [
+const MODULES: [&str; 7] = [
     "virtio_ring",
     "virtio",
     "virtio_pci_modern_dev",
     "virtio_pci_legacy_dev",
     "virtio_pci",
     "virtio_blk",
+    "virtio_console",
 ];
 
 /// Applets the init script uses, linked to `/bin/busybox` in the initramfs.
-const APPLETS: [&str; 12] = [
+const APPLETS: [&str; 19] = [
     "sh", "mount", "insmod", "taskset", "dd", "sleep", "cat", "echo", "tr", "seq", "ls", "dmesg",
+    "wget", "grep", "ip", "head", "yes", "printf", "mkdir",
 ];
+
+/// Printed by an agent guest once `optimus guest` serves its phase FIFO.
+pub const AGENT_UP_MARKER: &str = "OPTIMUS-AGENT-UP";
+/// Printed by an agent guest after its phase marks (warmup 3 s, train epoch=1 3 s, end).
+pub const PHASES_DONE_MARKER: &str = "OPTIMUS-PHASES-DONE";
+/// Printed by a hostile guest after it wrote everything it writes.
+pub const HOSTILE_DONE_MARKER: &str = "OPTIMUS-HOSTILE-DONE";
+/// Lines between these two are one scrape of the guest's own /metrics, from inside it.
+pub const SCRAPE_BEGIN: &str = "OPTIMUS-SCRAPE-BEGIN";
+/// Ends a scrape on the console.
+pub const SCRAPE_END: &str = "OPTIMUS-SCRAPE-END";
+/// Where the agent image keeps the fake NVML library.
+const GUEST_NVML: &str = "lib/libnvidia-ml.so";
 
 /// Bump when the cache layout or initramfs contents change in a way the hash below misses.
 const FORMAT_VERSION: u32 = 1;
@@ -69,7 +84,7 @@ impl GuestImage {
         let kernel_dir = ensure_kernel(&dir)?;
         let modules = list_modules(&kernel_dir.join("modules"))?;
         let busybox = static_busybox()?;
-        let init = init_script(&modules);
+        let init = init_script(&modules, false);
 
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         FORMAT_VERSION.hash(&mut hasher);
@@ -95,6 +110,189 @@ impl GuestImage {
             initrd,
         })
     }
+}
+
+impl GuestImage {
+    /// [`GuestImage::ensure`] plus the `optimus` binary (stripped), the shared libraries
+    /// `ldd` lists for it at their own paths, and `nvml` (the fake libnvidia-ml.so) as
+    /// `/lib/libnvidia-ml.so`: a guest whose `/init` also runs the [`AgentRole`] its kernel
+    /// command line names ([`agent_cmdline`]). Cached under the inputs' fingerprints.
+    /// Needs `ldd` and `strip` (binutils). About 100 MiB: give the domain 768 MiB.
+    pub fn with_agent(optimus: &Path, nvml: &Path) -> anyhow::Result<GuestImage> {
+        let base = GuestImage::ensure()?;
+        let dir = cache_dir().join("guest");
+        let _lock = lock(&dir.join(".lock"))?;
+        let modules = list_modules(&dir.join("kernel/modules"))?;
+        let busybox = static_busybox()?;
+        let init = init_script(&modules, true);
+        let libs = shared_libraries(optimus)?;
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        FORMAT_VERSION.hash(&mut hasher);
+        init.hash(&mut hasher);
+        for path in modules.values().chain(&libs).chain([&busybox]) {
+            path.hash(&mut hasher);
+            file_fingerprint(path)?.hash(&mut hasher);
+        }
+        for path in [optimus, nvml] {
+            file_fingerprint(path)?.hash(&mut hasher);
+        }
+        let initrd = dir.join(format!("initrd-agent-{:016x}.cpio", hasher.finish()));
+        if !initrd.exists() {
+            require_tools(&[("strip", "binutils")])?;
+            let stripped = tempfile::NamedTempFile::new().context("create a temp file")?;
+            run_ok(
+                Command::new("strip")
+                    .arg("-s")
+                    .arg("-o")
+                    .arg(stripped.path())
+                    .arg(optimus),
+                Duration::from_secs(120),
+            )
+            .with_context(|| format!("strip {}", optimus.display()))?;
+            let mut files: Vec<(String, PathBuf, u32)> = vec![
+                ("bin/optimus".into(), stripped.path().to_path_buf(), 0o755),
+                (GUEST_NVML.into(), nvml.to_path_buf(), 0o755),
+            ];
+            for lib in &libs {
+                let inside = lib.to_string_lossy().trim_start_matches('/').to_owned();
+                files.push((inside, lib.clone(), 0o755));
+            }
+            let bytes = build_initramfs_with(&busybox, &modules, &init, &files)?;
+            write_atomic(&initrd, &bytes)?;
+            eprintln!(
+                "optimus-tests: built agent guest initramfs {} ({} KiB: optimus, {} libraries, fake NVML)",
+                initrd.display(),
+                bytes.len() / 1024,
+                libs.len()
+            );
+            remove_stale(&dir, &initrd, "initrd-agent-");
+        }
+        Ok(GuestImage {
+            kernel: base.kernel,
+            initrd,
+        })
+    }
+}
+
+/// What an agent guest ([`GuestImage::with_agent`]) does besides its [`GuestPlan`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AgentRole {
+    /// Runs `optimus guest` (fake NVML), scrapes its own /metrics every 2 s onto the
+    /// console between [`SCRAPE_BEGIN`] and [`SCRAPE_END`], and once the host's figures
+    /// arrive marks phases: `warmup` (3 s), `train epoch=1` (3 s), end; then prints
+    /// [`PHASES_DONE_MARKER`].
+    Honest,
+    /// Writes to the channel port, in order: two junk lines, a 1 MiB line, a negative
+    /// energy, a baseline of its own GPU (`0000:00:06.0`) then a lower reading and an
+    /// implausible one, a claim for `0000:00:05.0` (not its GPU), a GPU claim and a phase
+    /// naming VM `other` (a UUID), a version-9 line, a bad phase line, then 1000 junk lines
+    /// at once (a flood); then prints [`HOSTILE_DONE_MARKER`].
+    Hostile { other: String },
+}
+
+/// The kernel command line of an agent guest: the plan's, plus `optimus.agent=ROLE`.
+pub fn agent_cmdline(plan: &GuestPlan, role: &AgentRole) -> String {
+    let mut cmdline = plan.kernel_cmdline();
+    match role {
+        AgentRole::Honest => cmdline.push_str(" optimus.agent=honest"),
+        AgentRole::Hostile { other } => {
+            let _ = write!(cmdline, " optimus.agent=hostile optimus.other={other}");
+        }
+    }
+    cmdline
+}
+
+/// The shared libraries (and the ELF interpreter) `ldd` resolves for `binary`.
+fn shared_libraries(binary: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let out = run_ok(Command::new("ldd").arg(binary), Duration::from_secs(60))
+        .with_context(|| format!("ldd {}", binary.display()))?;
+    let mut libs: Vec<PathBuf> = out
+        .lines()
+        .filter_map(|l| {
+            let l = l.trim();
+            let path = match l.split_once("=>") {
+                Some((_, rest)) => rest.split_whitespace().next()?,
+                None => l.split_whitespace().next()?,
+            };
+            path.starts_with('/').then(|| PathBuf::from(path))
+        })
+        .collect();
+    libs.sort();
+    libs.dedup();
+    if libs.is_empty() {
+        bail!("ldd {} listed no libraries:\n{out}", binary.display());
+    }
+    Ok(libs)
+}
+
+/// The agent part of `/init` (see [`AgentRole`]); what it starts runs in the background.
+fn agent_script() -> String {
+    format!(
+        r#"agent=""
+other=""
+for arg in $(cat /proc/cmdline); do
+  case "$arg" in
+    optimus.agent=*) agent="${{arg#optimus.agent=}}" ;;
+    optimus.other=*) other="${{arg#optimus.other=}}" ;;
+  esac
+done
+if [ -n "$agent" ]; then
+  ip link set lo up
+  port=""
+  for i in $(seq 100); do
+    for d in /sys/class/virtio-ports/*; do
+      [ "$(cat $d/name 2>/dev/null)" = org.optimus.agent.0 ] && port="/dev/${{d##*/}}"
+    done
+    [ -n "$port" ] && [ -c "$port" ] && break
+    sleep 0.1
+  done
+  echo "OPTIMUS-PORT $port"
+fi
+if [ "$agent" = honest ]; then
+  /bin/optimus --log-level warn guest --nvml-library /{GUEST_NVML} &
+  for i in $(seq 300); do [ -p /run/optimus-guest/phase ] && break; sleep 0.1; done
+  echo "{AGENT_UP_MARKER}"
+  (
+    while :; do
+      sleep 2
+      echo "{SCRAPE_BEGIN}"
+      wget -q -O - http://127.0.0.1:9947/metrics | grep -E '^optimus_(guest_host_interval|guest_channel_connected|vcpu_cpu|vm_energy|vm_phase_info|guest_gpu_energy)'
+      echo "{SCRAPE_END}"
+    done
+  ) &
+  (
+    until wget -q -O - http://127.0.0.1:9947/metrics | grep -q '^optimus_guest_host_interval'; do
+      sleep 0.5
+    done
+    /bin/optimus guest phase warmup
+    sleep 3
+    echo "train epoch=1" > /run/optimus-guest/phase
+    sleep 3
+    /bin/optimus guest phase -
+    echo "{PHASES_DONE_MARKER}"
+  ) &
+fi
+if [ "$agent" = hostile ]; then
+  (
+    printf 'junk\n\001\002\377\n' > "$port"
+    head -c 1048576 /dev/zero | tr '\0' a > "$port"
+    echo > "$port"
+    g='{{"v":1,"type":"gpu","gpus":[{{"pci_bus_id":"0000:00:0'
+    echo "$g"'5.0","energy_mj":-5}}]}}' > "$port"
+    echo "$g"'6.0","energy_mj":1000}}]}}' > "$port"
+    echo "$g"'6.0","energy_mj":500}}]}}' > "$port"
+    echo "$g"'6.0","energy_mj":1000000000000}}]}}' > "$port"
+    echo "$g"'5.0","energy_mj":2000}}]}}' > "$port"
+    echo '{{"v":1,"type":"gpu","vm_uuid":"'"$other"'","gpus":[{{"pci_bus_id":"0000:00:05.0","energy_mj":3000}}]}}' > "$port"
+    echo '{{"v":1,"type":"phase","vm_uuid":"'"$other"'","line":"stolen"}}' > "$port"
+    echo '{{"v":9,"type":"hello"}}' > "$port"
+    echo '{{"v":1,"type":"phase","line":"bad(name)"}}' > "$port"
+    yes x | head -n 1000 > "$port"
+    echo "{HOSTILE_DONE_MARKER}"
+  ) &
+fi
+"#
+    )
 }
 
 /// What the guest's `/init` does; passed on the kernel command line (`optimus.*`
@@ -141,7 +339,7 @@ impl GuestPlan {
     }
 }
 
-fn init_script(modules: &BTreeMap<String, PathBuf>) -> String {
+fn init_script(modules: &BTreeMap<String, PathBuf>, agent: bool) -> String {
     let load: Vec<&str> = MODULES
         .iter()
         .copied()
@@ -185,9 +383,10 @@ if [ -n "$io" ]; then
     echo "{IO_FAILED_MARKER} read"
   fi
 fi
-while :; do sleep 3600; done
+{agent}while :; do sleep 3600; done
 "#,
-        load = load.join(" ")
+        load = load.join(" "),
+        agent = if agent { agent_script() } else { String::new() }
     )
 }
 
@@ -211,7 +410,12 @@ fn lock(path: &Path) -> anyhow::Result<File> {
 /// downloading and extracting the kernel package if it is not there yet.
 fn ensure_kernel(dir: &Path) -> anyhow::Result<PathBuf> {
     let kernel_dir = dir.join("kernel");
-    if kernel_dir.join("vmlinuz").is_file() && kernel_dir.join("package").is_file() {
+    let set = MODULES.join(",");
+    let modules_stamp = kernel_dir.join("modules/.set");
+    if kernel_dir.join("vmlinuz").is_file()
+        && kernel_dir.join("package").is_file()
+        && std::fs::read_to_string(&modules_stamp).is_ok_and(|s| s.trim() == set)
+    {
         return Ok(kernel_dir);
     }
     require_tools(&[
@@ -250,6 +454,12 @@ fn ensure_kernel(dir: &Path) -> anyhow::Result<PathBuf> {
     std::fs::copy(&vmlinuz, staged.join("vmlinuz"))
         .with_context(|| format!("copy {}", vmlinuz.display()))?;
     copy_modules(&extracted.join("lib/modules"), &staged_modules, &package)?;
+    // Which MODULES this cache holds: a cache made for another list is made again.
+    std::fs::write(
+        staged_modules.join(".set"),
+        format!("{}\n", MODULES.join(",")),
+    )
+    .context("write the module list stamp")?;
     std::fs::write(staged.join("package"), format!("{package}\n")).context("write package name")?;
 
     if kernel_dir.exists() {
@@ -455,9 +665,45 @@ fn build_initramfs(
     modules: &BTreeMap<String, PathBuf>,
     init: &str,
 ) -> anyhow::Result<Vec<u8>> {
+    build_initramfs_with(busybox, modules, init, &[])
+}
+
+/// [`build_initramfs`] plus `extra` files: (path inside, file on the host, mode); their
+/// parent directories are created.
+fn build_initramfs_with(
+    busybox: &Path,
+    modules: &BTreeMap<String, PathBuf>,
+    init: &str,
+    extra: &[(String, PathBuf, u32)],
+) -> anyhow::Result<Vec<u8>> {
     let mut cpio = Newc::default();
-    for dir in ["bin", "dev", "proc", "sys", "lib", "lib/modules", "tmp"] {
+    let mut dirs: Vec<String> = [
+        "bin",
+        "dev",
+        "proc",
+        "sys",
+        "lib",
+        "lib/modules",
+        "tmp",
+        "run",
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    for (inside, _, _) in extra {
+        for p in Path::new(inside).ancestors().skip(1) {
+            let p = p.to_string_lossy().into_owned();
+            if !p.is_empty() && !dirs.contains(&p) {
+                dirs.push(p);
+            }
+        }
+    }
+    dirs.sort_by_key(|d| d.matches('/').count());
+    for dir in &dirs {
         cpio.dir(dir, 0o755)?;
+    }
+    for (inside, host, mode) in extra {
+        let bytes = std::fs::read(host).with_context(|| format!("read {}", host.display()))?;
+        cpio.file(inside, *mode, &bytes)?;
     }
     // The kernel opens /dev/console for init's stdio before init mounts devtmpfs.
     cpio.char_dev("dev/console", 0o600, 5, 1)?;
@@ -482,15 +728,22 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
 }
 
 fn remove_stale_initrds(dir: &Path, keep: &Path) {
+    remove_stale(dir, keep, "initrd-");
+}
+
+/// Removes the `<prefix>*.cpio` files of `dir` other than `keep` (agent images are
+/// `initrd-agent-*`, which the plain image's cleanup leaves alone).
+fn remove_stale(dir: &Path, keep: &Path, prefix: &str) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };
     for entry in entries.flatten() {
         let path = entry.path();
-        let is_initrd = entry
-            .file_name()
-            .to_str()
-            .is_some_and(|n| n.starts_with("initrd-") && n.ends_with(".cpio"));
+        let is_initrd = entry.file_name().to_str().is_some_and(|n| {
+            n.starts_with(prefix)
+                && n.ends_with(".cpio")
+                && (prefix != "initrd-" || !n.starts_with("initrd-agent-"))
+        });
         if is_initrd && path != keep {
             let _ = std::fs::remove_file(path);
         }
@@ -548,11 +801,45 @@ mod tests {
             .iter()
             .map(|m| ((*m).to_owned(), PathBuf::from(format!("/x/{m}.ko"))))
             .collect();
-        let init = init_script(&modules);
+        let init = init_script(&modules, false);
         assert!(init.contains(READY_MARKER));
         assert!(init.contains(
-            "for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk; do"
+            "for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk virtio_console; do"
         ));
         assert!(init.contains("${arg#optimus.busy=}"));
+        assert!(
+            !init.contains("optimus guest"),
+            "a plain image runs no agent"
+        );
+        let agent = init_script(&modules, true);
+        for marker in [
+            AGENT_UP_MARKER,
+            PHASES_DONE_MARKER,
+            HOSTILE_DONE_MARKER,
+            SCRAPE_BEGIN,
+        ] {
+            assert!(agent.contains(marker), "{marker}");
+        }
+        assert!(agent
+            .contains("/bin/optimus --log-level warn guest --nvml-library /lib/libnvidia-ml.so &"));
+    }
+
+    #[test]
+    fn agent_cmdlines() {
+        let plan = GuestPlan {
+            busy_vcpus: vec![0],
+            io: None,
+        };
+        assert_eq!(
+            agent_cmdline(&plan, &AgentRole::Honest),
+            "console=ttyS0 panic=-1 quiet optimus.busy=0 optimus.agent=honest"
+        );
+        assert_eq!(
+            agent_cmdline(
+                &GuestPlan::default(),
+                &AgentRole::Hostile { other: "u".into() }
+            ),
+            "console=ttyS0 panic=-1 quiet optimus.agent=hostile optimus.other=u"
+        );
     }
 }

@@ -15,16 +15,22 @@ const TIMEOUT: Duration = Duration::from_secs(5);
 /// Returns the status code and the body (de-chunked if the server chunked it anyway),
 /// whatever the status.
 pub fn get(addr: &str, path: &str) -> anyhow::Result<(u16, String)> {
-    let deadline = Instant::now() + TIMEOUT;
+    get_within(addr, path, TIMEOUT)
+}
+
+/// [`get`] with `timeout` in all (a Prometheus query on a loaded machine takes longer than
+/// a scrape).
+pub fn get_within(addr: &str, path: &str, timeout: Duration) -> anyhow::Result<(u16, String)> {
+    let deadline = Instant::now() + timeout;
     let sockaddr = addr
         .to_socket_addrs()
         .with_context(|| format!("resolve {addr}"))?
         .next()
         .with_context(|| format!("{addr} resolves to nothing"))?;
-    let mut stream = TcpStream::connect_timeout(&sockaddr, TIMEOUT)
+    let mut stream = TcpStream::connect_timeout(&sockaddr, timeout)
         .with_context(|| format!("connect to {addr}"))?;
     stream
-        .set_write_timeout(Some(TIMEOUT))
+        .set_write_timeout(Some(timeout))
         .context("set write timeout")?;
     let request = format!(
         "GET {path} HTTP/1.0\r\nHost: {addr}\r\nUser-Agent: optimus-tests\r\nAccept: */*\r\nConnection: close\r\n\r\n"
@@ -37,7 +43,7 @@ pub fn get(addr: &str, path: &str) -> anyhow::Result<(u16, String)> {
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            bail!("GET http://{addr}{path}: no complete response within {TIMEOUT:?}");
+            bail!("GET http://{addr}{path}: no complete response within {timeout:?}");
         }
         stream
             .set_read_timeout(Some(left))

@@ -8,9 +8,11 @@
 //! Recipes behind the choices here are in the project's `ENGINEERING.md`.
 
 pub mod env;
+pub mod fakes;
 pub mod guest;
 pub mod http;
 pub mod libvirt;
+pub mod load;
 pub mod proc;
 pub mod prometheus;
 pub mod qemu;

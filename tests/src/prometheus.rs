@@ -15,6 +15,9 @@ use crate::env::require_tools;
 use crate::proc::{file_tail, try_free_port, ChildGuard};
 
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest wait for one API answer (the query engine can stall for seconds at start-up or
+/// on a loaded machine; a scrape-sized 5 s is too short for it).
+const QUERY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A `prometheus` process on 127.0.0.1 with its own config and TSDB in a temp dir;
 /// stopped on drop, then the temp dir is removed.
@@ -32,13 +35,33 @@ impl Prometheus {
     /// path `/metrics`, job `optimus`) every `interval` (scrape timeout the same), and waits
     /// (30 s at most) until `/-/ready` answers 200.
     pub fn start(target: &str, interval: Duration) -> anyhow::Result<Prometheus> {
+        Self::start_with(target, interval, "")
+    }
+
+    /// [`Prometheus::start`] with `job_extra` added to the scrape job: YAML lines indented
+    /// by four spaces, e.g. `    scheme: https\n` and a `tls_config` or `basic_auth`.
+    pub fn start_with(
+        target: &str,
+        interval: Duration,
+        job_extra: &str,
+    ) -> anyhow::Result<Prometheus> {
+        Self::start_many(&[target], interval, job_extra)
+    }
+
+    /// [`Prometheus::start_with`] scraping several targets in one job: each becomes its own
+    /// `instance`, as several hosts' agents do.
+    pub fn start_many(
+        targets: &[&str],
+        interval: Duration,
+        job_extra: &str,
+    ) -> anyhow::Result<Prometheus> {
         require_tools(&[("prometheus", "prometheus")])?;
         let dir = tempfile::Builder::new()
             .prefix("optimus-prometheus-")
             .tempdir()
             .context("create a temp dir for Prometheus")?;
         let config = dir.path().join("prometheus.yml");
-        std::fs::write(&config, config_yaml(target, interval))
+        std::fs::write(&config, config_yaml(targets, interval, job_extra))
             .with_context(|| format!("write {}", config.display()))?;
         let log = dir.path().join("prometheus.log");
         // The free port may be taken again before Prometheus binds it: retry with another.
@@ -118,7 +141,40 @@ impl Prometheus {
     /// Prometheus' `errorType`/`error` unless `status` is `success`.
     pub fn query(&self, promql: &str) -> anyhow::Result<Vec<Value>> {
         let path = format!("/api/v1/query?query={}", url_encode(promql));
-        let (status, body) = crate::http::get(&self.addr(), &path)?;
+        self.api(promql, &path)
+    }
+
+    /// Range query over the last `span` at `step`, as Grafana runs a time-series panel:
+    /// `GET /api/v1/query_range`; returns `data.result` (one object per series with
+    /// `metric` and `values: [[ts, "v"], ...]`).
+    pub fn query_range(
+        &self,
+        promql: &str,
+        span: Duration,
+        step: Duration,
+    ) -> anyhow::Result<Vec<Value>> {
+        let end = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .context("clock before 1970")?
+            .as_secs_f64();
+        let path = format!(
+            "/api/v1/query_range?query={}&start={:.3}&end={end:.3}&step={:.3}",
+            url_encode(promql),
+            end - span.as_secs_f64(),
+            step.as_secs_f64()
+        );
+        self.api(promql, &path)
+    }
+
+    /// [`Prometheus::query`] evaluated at unix time `time` (seconds).
+    pub fn query_at(&self, promql: &str, time: i64) -> anyhow::Result<Vec<Value>> {
+        let path = format!("/api/v1/query?query={}&time={time}", url_encode(promql));
+        self.api(promql, &path)
+    }
+
+    fn api(&self, promql: &str, path: &str) -> anyhow::Result<Vec<Value>> {
+        // A query can take seconds while Prometheus starts or the machine is busy.
+        let (status, body) = crate::http::get_within(&self.addr(), path, QUERY_TIMEOUT)?;
         let json: Value = serde_json::from_str(&body)
             .with_context(|| format!("query {promql:?}: HTTP {status}, body not JSON: {body}"))?;
         if json["status"] != "success" {
@@ -145,14 +201,16 @@ impl Prometheus {
     ) -> anyhow::Result<Vec<Value>> {
         let deadline = Instant::now() + timeout;
         loop {
-            let result = self.query(promql)?;
-            if done(&result) {
-                return Ok(result);
-            }
+            // A query that fails outright (no answer in time, Prometheus still starting) is
+            // retried like one whose answer is not there yet.
+            let last = match self.query(promql) {
+                Ok(result) if done(&result) => return Ok(result),
+                Ok(result) => Value::Array(result).to_string(),
+                Err(e) => format!("error: {e:#}"),
+            };
             if Instant::now() >= deadline {
                 bail!(
-                    "query {promql:?} did not reach the expected result within {timeout:?}; last: {}",
-                    Value::Array(result)
+                    "query {promql:?} did not reach the expected result within {timeout:?}; last: {last}"
                 );
             }
             thread::sleep(Duration::from_millis(500));
@@ -170,14 +228,18 @@ pub fn value(item: &Value) -> Option<f64> {
     }
 }
 
-fn config_yaml(target: &str, interval: Duration) -> String {
+fn config_yaml(targets: &[&str], interval: Duration, job_extra: &str) -> String {
     let ms = interval.as_millis().max(1);
-    // Single-quoted YAML scalar: only ' needs escaping (as '').
-    let target = target.replace('\'', "''");
+    // Single-quoted YAML scalars: only ' needs escaping (as '').
+    let target = targets
+        .iter()
+        .map(|t| t.replace('\'', "''"))
+        .collect::<Vec<_>>()
+        .join("', '");
     format!(
         "global:\n  scrape_interval: {ms}ms\n  evaluation_interval: {ms}ms\n\
          scrape_configs:\n  - job_name: optimus\n    scrape_interval: {ms}ms\n    \
-         scrape_timeout: {ms}ms\n    static_configs:\n      - targets: ['{target}']\n"
+         scrape_timeout: {ms}ms\n{job_extra}    static_configs:\n      - targets: ['{target}']\n"
     )
 }
 
@@ -325,7 +387,7 @@ mod tests {
 
     #[test]
     fn yaml() {
-        let y = config_yaml("127.0.0.1:9947", Duration::from_secs(1));
+        let y = config_yaml(&["127.0.0.1:9947"], Duration::from_secs(1), "");
         assert!(y.contains("scrape_interval: 1000ms"));
         assert!(y.contains("- targets: ['127.0.0.1:9947']"));
     }

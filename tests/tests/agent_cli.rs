@@ -34,6 +34,12 @@ fn bad_flags_say_what_is_wrong() {
         err.starts_with("error: ") && err.to_lowercase().contains("pue"),
         "{err}"
     );
+    let (code, _, err) = run(&["run", "--libvirt-only", "--libvirt-uri", ""]);
+    assert_ne!(code, 0);
+    assert!(
+        err.starts_with("error: --libvirt-only") && err.contains("give a libvirt URI"),
+        "{err}"
+    );
 }
 
 #[test]

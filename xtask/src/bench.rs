@@ -1,16 +1,21 @@
 //! `cargo xtask bench`: what the agent costs the host it watches, measured on this machine
 //! and written to `target/bench/report.md` and `report.json`.
 //!
-//! 1. Per-event cost of each eBPF program from the kernel's own accounting
+//! 1. One agent's life beside a fleet growing from 0 to 100 to 1,000 simulated VMs: its CPU
+//!    at each level (and the slope between), its peak memory over the whole life, and
+//!    /metrics latency (plain and gzip) at 1,000 VMs.
+//! 2. Per-event cost of each eBPF program from the kernel's own accounting
 //!    (`kernel.bpf_stats_enabled`), the real `sched_switch` program beside an empty one on the
-//!    same hook, under a pipe ping-pong storm, with 1,000 tracked threads and with
-//!    `--track-all`.
-//! 2. Slowdown of a ping-pong and a CPU-bound workload, agent off and on, interleaved.
-//! 3. The agent's CPU and peak memory at steady state with 0, 100 and 1,000 simulated VMs.
-//! 4. /metrics latency and size with 1,000 VMs.
+//!    same hook, under a pipe ping-pong storm beside the 1,000 VMs, in the default mode and
+//!    with `--track-all`.
+//! 3. Slowdown of a ping-pong with the agent against the slowdown with only the empty
+//!    program attached (the floor), interleaved, with bootstrap intervals; a CPU-bound
+//!    workload off and on.
+//! 4. `optimus measure`: its overhead on 2,000 runs of `/bin/true`, and phase-switch latency.
 //!
-//! VMs are simulated (see [`fleet`]): processes named like QEMU with `CPU k/KVM` threads.
-//! Needs root (eBPF, the sysctl); takes about 4 minutes, `--quick` about 2.
+//! VMs are simulated (see [`fleet`]): processes named like QEMU with `CPU k/KVM` threads
+//! that wake every [`Plan::vcpu_wake`], as an idle guest's vCPUs do on its timer ticks.
+//! Needs root (eBPF, the sysctl); takes about 8 minutes, `--quick` about 3.
 use std::path::Path;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -24,6 +29,7 @@ use crate::ws::Workspace;
 
 mod agent;
 mod bpf;
+mod command;
 mod fleet;
 mod host;
 mod measure;
@@ -41,16 +47,22 @@ pub struct Plan {
     /// Rough length of the whole run on a 2-CPU machine.
     pub minutes: u32,
     pub vcpus_per_vm: u32,
-    /// Simulated VMs during the per-event and slowdown measurements (1,000 vCPU threads).
-    pub storm_vms: usize,
-    /// Simulated VM counts for the steady-state measurements; the last one is also scraped.
+    /// How often every simulated vCPU thread wakes.
+    #[serde(serialize_with = "millis")]
+    pub vcpu_wake: Duration,
+    /// Simulated VM counts of the agent's life; the per-event and slowdown measurements run
+    /// beside the largest.
     pub vm_levels: Vec<usize>,
     /// How long the ping-pong storm of the per-event measurement lasts.
     pub storm: Duration,
-    /// Off/on pairs of the slowdown measurement.
-    pub pairs: usize,
-    /// How long one workload run lasts.
+    /// Rounds of the slowdown measurement (each: off, on, empty program only).
+    pub rounds: usize,
+    /// Ping-pong runs per arm and round.
+    pub runs_per_arm: usize,
+    /// How long one ping-pong run lasts.
     pub run: Duration,
+    /// How long one CPU-bound run lasts.
+    pub spin_run: Duration,
     /// Agent running before its CPU time is counted.
     pub warmup: Duration,
     /// Window over which its CPU time is counted.
@@ -66,19 +78,25 @@ impl Plan {
         let full = !quick;
         Self {
             name: if full { "full" } else { "quick" },
-            minutes: pick(full, 4, 2),
+            minutes: pick(full, 8, 3),
             vcpus_per_vm: 8,
-            storm_vms: 125,
+            vcpu_wake: Duration::from_millis(500),
             vm_levels: vec![0, 100, 1000],
             storm: Duration::from_secs(pick(full, 5, 2)),
-            pairs: pick(full, 9, 3),
-            run: Duration::from_millis(pick(full, 1500, 800)),
+            rounds: pick(full, 10, 3),
+            runs_per_arm: pick(full, 4, 2),
+            run: Duration::from_millis(pick(full, 600, 400)),
+            spin_run: Duration::from_millis(pick(full, 1000, 600)),
             warmup: Duration::from_secs(pick(full, 5, 3)),
             window: Duration::from_secs(pick(full, 30, 8)),
             scrapes: pick(full, 50, 20),
             profile_secs: pick(full, 10, 4),
         }
     }
+}
+
+fn millis<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_u128(d.as_millis())
 }
 
 /// `full` in a full run, `quick` in a quick one.
@@ -199,30 +217,25 @@ fn measure_all(
         logs: &logs,
     };
     let mut results = Results::new(plan.clone(), environment);
-    let mut fleet = Fleet::new(&helpers.fake_qemu, plan.vcpus_per_vm);
+    let mut fleet = Fleet::new(&helpers.fake_qemu, plan.vcpus_per_vm, plan.vcpu_wake);
     let (loops, rounds) = ctx.size_workloads()?;
-    let mut levels: Vec<usize> = plan.vm_levels.clone();
-    levels.sort_unstable();
-    let last = levels.last().copied().unwrap_or(0);
-    for &vms in levels.iter().filter(|&&v| v < plan.storm_vms) {
-        grow(&mut fleet, vms)?;
-        results
-            .steady
-            .push(ctx.steady(&fleet, false, &mut results.profiles)?);
-    }
-    grow(&mut fleet, plan.storm_vms)?;
+    results.life = Some(ctx.life(&mut fleet, true, &mut results.profiles)?);
     for track_all in [false, true] {
         results.per_event.push(ctx.per_event(&fleet, track_all)?);
     }
-    results.slowdown = ctx.slowdown(&fleet, loops, rounds)?;
-    for &vms in levels.iter().filter(|&&v| v >= plan.storm_vms) {
-        grow(&mut fleet, vms)?;
-        let profile_misses = vms == last;
-        let steady = ctx.steady(&fleet, profile_misses, &mut results.profiles)?;
-        results.steady.push(steady);
-    }
+    let (pingpong, slowdown) = ctx.slowdown(&fleet, loops, rounds)?;
+    results.pingpong = Some(pingpong);
+    results.slowdown = slowdown;
     step("stopping the simulated VMs");
     drop(fleet);
+    results.measure = match command::run(plan, bin, out) {
+        Ok(m) => Some(m),
+        Err(e) => {
+            check_interrupted()?;
+            step(&format!("optimus measure bench failed: {e:#}"));
+            None
+        }
+    };
     Ok(results)
 }
 

@@ -149,6 +149,17 @@ impl Cmd {
         String::from_utf8(out.stdout).with_context(|| format!("`{}` printed non-UTF-8", self.shown))
     }
 
+    /// Runs with stdin closed and stdout and stderr captured, whatever the exit status: for
+    /// tools whose output the caller reads either way (libFuzzer's statistics and crash).
+    pub fn output(mut self) -> Result<(String, std::process::Output)> {
+        let out = self
+            .inner
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| spawn_error(&self.shown, e))?;
+        Ok((self.shown, out))
+    }
+
     pub fn spawn(mut self) -> Result<(String, Child)> {
         let child = self
             .inner

@@ -9,10 +9,13 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod cmd;
+mod deb;
 mod demo;
+mod fuzz;
 mod setup;
 mod signals;
 mod tasks;
+mod validate;
 mod ws;
 
 #[derive(Parser)]
@@ -59,7 +62,8 @@ enum Command {
     },
     /// cargo fmt --check and clippy with warnings denied.
     Lint,
-    /// Boot a small libvirt guest (vCPU 0 busy, vCPU 1 idle) and keep it until Ctrl-C.
+    /// Boot a small libvirt guest (vCPU 0 busy, vCPU 1 idle, with the guest channel and,
+    /// once `optimus` is built, `optimus guest` inside) and keep it until Ctrl-C.
     DemoVm {
         /// libvirt domain name.
         #[arg(long, default_value = demo::DEFAULT_NAME)]
@@ -67,6 +71,45 @@ enum Command {
         /// Leave it running after xtask exits.
         #[arg(long)]
         keep: bool,
+    },
+    /// Build the Debian package target/debian/optimus_<version>_amd64.deb (cargo-deb).
+    Deb {
+        /// Package the debug build instead of building the release one (what the tests do).
+        #[arg(long)]
+        debug: bool,
+        /// Directory to write the .deb into.
+        #[arg(long, value_name = "DIR")]
+        output: Option<std::path::PathBuf>,
+    },
+    /// Fuzz every parser of outside input (cargo-fuzz, nightly): SECONDS per target, one
+    /// after the other; reports crashes with the reproducer's path.
+    Fuzz {
+        /// Seconds to fuzz each target.
+        #[arg(default_value_t = 30)]
+        seconds: u64,
+        /// Only this target (repeatable); default: all of them.
+        #[arg(long = "target", value_name = "NAME")]
+        targets: Vec<String>,
+        /// Then rewrite fuzz/corpus as a minimal set covering it and the new inputs.
+        #[arg(long)]
+        merge: bool,
+    },
+    /// Validation (root): real TCG guests, the real agent and a synthetic meter with a
+    /// known nonlinear power curve; writes target/validate/report.md, report.json and PNG
+    /// plots, and fails when a figure is out of its bound.
+    Validate {
+        /// A shorter run of every scenario (about 3 minutes; CI runs it).
+        #[arg(long)]
+        quick: bool,
+        /// The agent binary to validate (default: build it, release; debug with --quick).
+        #[arg(long, value_name = "PATH")]
+        bin: Option<std::path::PathBuf>,
+        /// Directory for the report (default: target/validate).
+        #[arg(long, value_name = "DIR")]
+        output: Option<std::path::PathBuf>,
+        /// Where to look for a real RAPL meter to compare the estimate and the model with.
+        #[arg(long, value_name = "DIR", default_value = "/sys/class/powercap")]
+        rapl_root: std::path::PathBuf,
     },
     /// Overhead benchmark (root): writes target/bench/report.md and report.json.
     Bench {
@@ -106,5 +149,17 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             demo::demo_vm(&name, keep).map(|()| ExitCode::SUCCESS)
         }
         Command::Bench { quick } => bench::run(quick),
+        Command::Validate {
+            quick,
+            bin,
+            output,
+            rapl_root,
+        } => validate::run(quick, bin, output, &rapl_root),
+        Command::Deb { debug, output } => deb::deb(debug, output).map(|()| ExitCode::SUCCESS),
+        Command::Fuzz {
+            seconds,
+            targets,
+            merge,
+        } => fuzz::run(seconds, &targets, merge),
     }
 }

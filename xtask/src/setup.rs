@@ -20,8 +20,12 @@ pub enum Purpose {
     Run,
     /// Run plus QEMU, libvirtd and the guest image tools.
     Demo,
+    /// Build plus cargo-deb (`cargo xtask deb`).
+    Package,
     /// Everything the test suite touches.
     Test,
+    /// `cargo xtask fuzz`: the nightly toolchain and cargo-fuzz.
+    Fuzz,
     /// All of the above.
     All,
 }
@@ -34,6 +38,8 @@ enum Need {
     Guest,
     Test,
     Lint,
+    Package,
+    Fuzz,
 }
 
 impl Purpose {
@@ -45,6 +51,8 @@ impl Purpose {
             Need::Guest => matches!(self, P::Demo | P::Test | P::All),
             Need::Test => matches!(self, P::Test | P::All),
             Need::Lint => matches!(self, P::Lint | P::All),
+            Need::Package => matches!(self, P::Package | P::Test | P::All),
+            Need::Fuzz => matches!(self, P::Fuzz | P::All),
         }
     }
 }
@@ -89,12 +97,54 @@ const PACKAGES: &[Package] = &[
         Need::Test,
     ),
     pkg("linux-perf", "bench", Need::Test),
+    pkg(
+        "chromium",
+        "tests: renders the live page headless",
+        Need::Test,
+    ),
+    pkg("tmux", "tests: drives `optimus top`", Need::Test),
+    pkg(
+        "fonts-dejavu-core",
+        "cargo xtask validate: text of its plots",
+        Need::Test,
+    ),
     pkg("iproute2", "tests", Need::Test),
     pkg("procps", "tests", Need::Test),
+    pkg(
+        "dpkg-dev",
+        "cargo xtask deb: dpkg-shlibdeps finds the binary's dependencies",
+        Need::Package,
+    ),
+    pkg("binutils", "cargo xtask deb: strip", Need::Package),
+    pkg(
+        "libcap2-bin",
+        "tests: setcap, file capabilities as the Kubernetes image sets them",
+        Need::Test,
+    ),
+    pkg(
+        "python3-venv",
+        "tests: a venv for kubernetes-validate and yamllint",
+        Need::Test,
+    ),
+    pkg(
+        "systemd",
+        "tests: systemd-analyze verify/security of the unit",
+        Need::Test,
+    ),
+    pkg(
+        "man-db",
+        "tests: systemd-analyze verify resolves the unit's man page",
+        Need::Test,
+    ),
 ];
 
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+/// PyPI packages the manifest test runs, pinned, in a venv under the target directory.
+const PYTHON_TOOLS: [(&str, &str); 2] = [("kubernetes-validate", "1.37.0"), ("yamllint", "1.38.0")];
+/// Pinned: `cargo xtask deb` relies on its `target/release` asset prefix and `--profile dev`.
+const CARGO_DEB_VERSION: &str = "3.8.0";
 const BPF_LINKER_VERSION: &str = "0.13.0";
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
 /// The toolchain that builds the eBPF crate (`-Z build-std=core` needs nightly features).
 #[derive(Clone, Copy, Debug)]
@@ -182,6 +232,15 @@ pub fn ensure(purpose: Purpose) -> Result<Ready> {
         ensure_components(&path, None, &["rustfmt", "clippy"], why, &mut log)?;
     }
     bpf_linker(&ws, &path, &mut log)?;
+    if purpose.needs(Need::Package) {
+        cargo_deb(&ws, &path, &mut log)?;
+    }
+    if purpose.needs(Need::Test) {
+        python_tools(&ws, &mut log)?;
+    }
+    if purpose.needs(Need::Fuzz) {
+        cargo_fuzz(&ws, &path, purpose == Purpose::Fuzz, &mut log)?;
+    }
 
     let tc = toolchain.name();
     if log.acted {
@@ -326,6 +385,51 @@ fn ensure_components(
     .context("rustup could not add the components (no network to static.rust-lang.org?)")
 }
 
+/// cargo-fuzz, which builds the libFuzzer targets in `fuzz/` with the nightly toolchain.
+/// Without nightly that is an error when fuzzing is what was asked for, else a note.
+fn cargo_fuzz(ws: &Workspace, path: &OsString, required: bool, log: &mut Log) -> Result<()> {
+    let nightly = Cmd::new("rustup")
+        .env("PATH", path)
+        .env("RUSTUP_AUTO_INSTALL", "0")
+        .args(["run", "nightly", "rustc", "--version"])
+        .probe();
+    if nightly.is_none() && !required {
+        log.say("skipping cargo-fuzz: no nightly toolchain (only `cargo xtask fuzz` needs it)");
+        return Ok(());
+    }
+    if nightly.is_none() {
+        bail!(
+            "cargo xtask fuzz needs the nightly toolchain (libFuzzer instrumentation is \
+             nightly-only)\nfix: rustup toolchain install nightly"
+        );
+    }
+    let version = Cmd::new("cargo-fuzz")
+        .env("PATH", path)
+        .arg("--version")
+        .probe();
+    if version.is_some_and(|v| v.starts_with(&format!("cargo-fuzz {CARGO_FUZZ_VERSION}"))) {
+        return Ok(());
+    }
+    log.installing(
+        &format!("cargo-fuzz {CARGO_FUZZ_VERSION}"),
+        "cargo xtask fuzz",
+    );
+    Cmd::new(&ws.cargo)
+        .current_dir(std::env::temp_dir())
+        .env("PATH", path)
+        .args([
+            "install",
+            "--quiet",
+            "--locked",
+            "--force",
+            "cargo-fuzz",
+            "--version",
+        ])
+        .arg(CARGO_FUZZ_VERSION)
+        .run()
+        .context("installing cargo-fuzz (needs crates.io)")
+}
+
 /// bpf-linker 0.13 built against Debian's LLVM 22 (its default, LLVM 23, is not packaged).
 fn bpf_linker(ws: &Workspace, path: &OsString, log: &mut Log) -> Result<()> {
     let version = Cmd::new("bpf-linker")
@@ -363,4 +467,57 @@ fn bpf_linker(ws: &Workspace, path: &OsString, log: &mut Log) -> Result<()> {
         ])
         .run()
         .context("building bpf-linker (needs crates.io and the llvm-22-dev package)")
+}
+
+/// cargo-deb for `cargo xtask deb` (crates.io has it; no Debian package does).
+fn cargo_deb(ws: &Workspace, path: &OsString, log: &mut Log) -> Result<()> {
+    let version = Cmd::new("cargo-deb")
+        .env("PATH", path)
+        .arg("--version")
+        .probe();
+    if version.is_some_and(|v| v.trim().ends_with(CARGO_DEB_VERSION)) {
+        return Ok(());
+    }
+    log.say(&format!(
+        "building cargo-deb {CARGO_DEB_VERSION} for cargo xtask deb (about 3 minutes on 2 cores)…"
+    ));
+    Cmd::new(&ws.cargo)
+        .current_dir(std::env::temp_dir())
+        .env("PATH", path)
+        .args(["install", "--quiet", "--locked", "--force", "cargo-deb"])
+        .args(["--version", CARGO_DEB_VERSION])
+        .run()
+        .context("building cargo-deb (needs crates.io)")
+}
+
+/// kubernetes-validate and yamllint for the Kubernetes manifest test, in
+/// `<target>/python` (`tests/tests/deploy_kubernetes.rs` looks there first), so the
+/// system's Python stays untouched.
+fn python_tools(ws: &Workspace, log: &mut Log) -> Result<()> {
+    let venv = ws.target_dir.join("python");
+    let pip = venv.join("bin/pip");
+    let frozen = Cmd::new(&pip).arg("freeze").probe().unwrap_or_default();
+    let pinned: Vec<String> = PYTHON_TOOLS
+        .iter()
+        .map(|(name, version)| format!("{name}=={version}"))
+        .collect();
+    if pinned.iter().all(|p| frozen.lines().any(|l| l == p)) {
+        return Ok(());
+    }
+    log.installing(
+        &pinned.join(" "),
+        "tests: Kubernetes manifest schemas and YAML lint, from PyPI",
+    );
+    if !pip.exists() {
+        Cmd::new("python3")
+            .args(["-m", "venv"])
+            .arg(&venv)
+            .run_quiet()
+            .context("creating a Python venv (needs python3-venv)")?;
+    }
+    Cmd::new(&pip)
+        .args(["install", "--quiet", "--disable-pip-version-check"])
+        .args(&pinned)
+        .run_quiet()
+        .context("pip install (needs PyPI)")
 }

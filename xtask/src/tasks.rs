@@ -20,7 +20,7 @@ fn banner(step: &str, what: &str, cmd: &Cmd) {
     println!("\n==> [{step}] {what}\n    $ {}", cmd.shown());
 }
 
-fn build_agent(ready: &Ready, release: bool) -> Result<PathBuf> {
+pub(crate) fn build_agent(ready: &Ready, release: bool) -> Result<PathBuf> {
     let mut args = vec!["build", "--package", AGENT_PACKAGE];
     if release {
         args.push("--release");
@@ -74,6 +74,7 @@ pub fn run(demo_vm: Option<&str>, args: &[OsString]) -> Result<ExitCode> {
     let mut code = ExitCode::FAILURE;
     demo::with_demo_vm(
         vm_name,
+        Some(&bin),
         While::Running(&mut || {
             let status = run_forwarding(agent(), signals.clone())?;
             println!("agent exited ({status})");
@@ -127,7 +128,13 @@ pub fn test(test_args: &[OsString]) -> Result<ExitCode> {
     // Absolute already: cargo metadata's target_directory is.
 
     let unit = ready
-        .cargo(["test", "--workspace", "--exclude", TESTS_PACKAGE])
+        .cargo([
+            "test",
+            "--workspace",
+            "--no-fail-fast",
+            "--exclude",
+            TESTS_PACKAGE,
+        ])
         .args(["--exclude", "optimus-ebpf"])
         .env("OPTIMUS_BIN", &bin)
         .arg("--")
@@ -135,11 +142,23 @@ pub fn test(test_args: &[OsString]) -> Result<ExitCode> {
     banner("unit", "unit tests of every crate, in parallel", &unit);
     let unit = unit.status()?;
 
-    let integration = ready
-        .cargo(["test", "--package", TESTS_PACKAGE])
-        .env("OPTIMUS_BIN", &bin)
-        .args(["--", "--test-threads=1"])
-        .args(test_args);
+    // The package test installs a .deb of this same debug build (no release build in CI).
+    let deb_dir = ready.ws.target_dir.join("debian-test");
+    let deb = match crate::deb::package(&ready, &bin, true, &deb_dir) {
+        Ok(deb) => Some(deb),
+        Err(e) => {
+            println!("deb: packaging failed, the package test will fail: {e:#}");
+            None
+        }
+    };
+    // --no-fail-fast: one failing test file must not hide how the others fare.
+    let mut integration = ready
+        .cargo(["test", "--package", TESTS_PACKAGE, "--no-fail-fast"])
+        .env("OPTIMUS_BIN", &bin);
+    if let Some(deb) = &deb {
+        integration = integration.env("OPTIMUS_DEB", deb);
+    }
+    let integration = integration.args(["--", "--test-threads=1"]).args(test_args);
     banner(
         "integration",
         "real-component tests (root, kernel, QEMU), one at a time",
@@ -147,7 +166,31 @@ pub fn test(test_args: &[OsString]) -> Result<ExitCode> {
     );
     let integration = integration.status()?;
 
-    summarize(&[("unit tests", unit), ("integration tests", integration)])
+    // The validation framework's quick run (real guests, about 3 minutes); it fails on a
+    // missing scenario or figure and on a figure out of its bound. A filtered run skips it.
+    if !test_args.is_empty() {
+        println!("\n==> [validate] skipped: a test filter was given");
+        return summarize(&[("unit tests", unit), ("integration tests", integration)]);
+    }
+    let xtask = std::env::current_exe().context("locating the xtask binary")?;
+    let validate = Cmd::new(&xtask)
+        .shown_as("cargo xtask")
+        .args(["validate", "--quick", "--bin"])
+        .arg(&bin)
+        .arg("--output")
+        .arg(ready.ws.target_dir.join("validate-quick"));
+    banner(
+        "validate",
+        "cargo xtask validate --quick: every scenario and figure, within bounds",
+        &validate,
+    );
+    let validate = validate.status()?;
+
+    summarize(&[
+        ("unit tests", unit),
+        ("integration tests", integration),
+        ("validate --quick", validate),
+    ])
 }
 
 /// `cargo xtask lint`: rustfmt and clippy as CI runs them (full build, eBPF included).

@@ -15,16 +15,21 @@
 //!   socket 1 is charged from socket 1's counter. A VM is the sum of its threads; every
 //!   other thread is host (unattributed). `dram` uses the same CPU-time share: no per-thread
 //!   memory-traffic signal is available without hardware counters.
-//! - **GPU zones**: active fraction = min(1, Σ SM utilisation of the processes on it);
-//!   active energy goes to processes by SM-utilisation share; a process that is a VM's QEMU
-//!   charges that VM, others are host; the rest is idle.
+//! - **GPU zones**: active fraction = min(1, Σ SM utilisation of the processes and vGPU
+//!   instances on it); active energy goes to each by its SM-utilisation share; a process that
+//!   is a VM's QEMU charges that VM, a vGPU instance charges the VM NVML says it belongs to
+//!   (matched by [`vgpu::vm_of`]; a VM seen both ways on one GPU counts once, by its vGPU),
+//!   other processes and instances of no known VM are host (unattributed, never dropped);
+//!   the rest is idle.
 //! - **Idle**: stays node idle, unless an [`IdlePolicy`] spreads it over running VMs by
 //!   vCPU count or memory size (cloud-billing style).
 
 use std::collections::{BTreeMap, HashMap};
 
 use crate::discovery::VmId;
-use crate::energy::{Zone, ZoneKey};
+use crate::energy::{MeterSource, Zone, ZoneKey};
+
+pub mod vgpu;
 
 /// What to do with idle energy.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -49,6 +54,10 @@ pub struct VmInterval {
     /// vCPU and memory size, for the idle policies.
     pub vcpus: u32,
     pub memory_bytes: u64,
+    /// GPU energy its guest measured on passthrough GPUs the host cannot see, accepted by
+    /// the guest channel: microjoules per device (`pci-<host address>`). All of it is the
+    /// VM's (source `guest-nvml`).
+    pub guest_gpu_uj: BTreeMap<String, u64>,
 }
 
 /// Everything one interval's split needs.
@@ -66,6 +75,9 @@ pub struct IntervalInput {
     pub vms: Vec<VmInterval>,
     /// GPU processes: device (`gpu-0`), pid, SM utilisation in percent.
     pub gpu_processes: Vec<(String, u32, u32)>,
+    /// vGPU instances: device (`gpu-0`), the VM it belongs to (`None`: no running VM
+    /// matches, so its share is host energy), SM utilisation in percent.
+    pub gpu_vgpus: Vec<(String, Option<VmId>, u32)>,
     pub idle_policy: IdlePolicy,
 }
 
@@ -95,10 +107,23 @@ fn package_index(device: &str) -> Option<u32> {
 
 /// Splits one interval.
 pub fn split(input: &IntervalInput) -> Vec<(ZoneKey, ZoneSplit)> {
+    let guest = input.vms.iter().flat_map(|vm| {
+        vm.guest_gpu_uj.iter().map(|(device, uj)| {
+            let j = f(*uj) / UJ_PER_J;
+            let key = ZoneKey::new(Zone::Gpu, device.clone(), MeterSource::GuestNvml);
+            let split = ZoneSplit {
+                node: j,
+                vms: [(vm.id.clone(), j)].into(),
+                ..ZoneSplit::default()
+            };
+            (key, split)
+        })
+    });
     input
         .zones
         .iter()
         .map(|(key, uj)| (key.clone(), split_zone(input, key, f(*uj) / UJ_PER_J)))
+        .chain(guest)
         .collect()
 }
 
@@ -185,16 +210,35 @@ fn cpu_shares(
 
 fn gpu_shares(input: &IntervalInput, device: &str) -> (f64, Vec<(VmId, f64)>, f64) {
     let by_pid: HashMap<u32, &VmId> = input.vms.iter().map(|vm| (vm.pid, &vm.id)).collect();
-    let procs: Vec<(u32, f64)> = input
+    let util = |percent: u32| f(u64::from(percent)) / 100.0;
+    let on_vgpu: Vec<&VmId> = input
+        .gpu_vgpus
+        .iter()
+        .filter(|(d, _, _)| d == device)
+        .filter_map(|(_, vm, _)| vm.as_ref())
+        .collect();
+    // Every user of the GPU with its SM share: processes (a VM when the pid is its QEMU),
+    // then vGPU instances (a VM when NVML's VM id matched one). A VM seen both ways on this
+    // GPU counts once, by its vGPU: a driver that also lists the QEMU behind a vGPU as a
+    // process shows the same work twice.
+    let users: Vec<(Option<&VmId>, f64)> = input
         .gpu_processes
         .iter()
         .filter(|(d, _, _)| d == device)
-        .map(|(_, pid, util)| (*pid, f(u64::from(*util)) / 100.0))
+        .map(|(_, pid, u)| (by_pid.get(pid).copied(), util(*u)))
+        .filter(|(vm, _)| vm.is_none_or(|vm| !on_vgpu.contains(&vm)))
+        .chain(
+            input
+                .gpu_vgpus
+                .iter()
+                .filter(|(d, _, _)| d == device)
+                .map(|(_, vm, u)| (vm.as_ref(), util(*u))),
+        )
         .collect();
-    let total: f64 = procs.iter().map(|(_, u)| u).sum();
-    let weights = procs
+    let total: f64 = users.iter().map(|(_, u)| u).sum();
+    let weights = users
         .iter()
-        .filter_map(|(pid, u)| Some(((*by_pid.get(pid)?).clone(), *u)))
+        .filter_map(|(vm, u)| Some(((*vm)?.clone(), *u)))
         .collect();
     (total.min(1.0), weights, total)
 }

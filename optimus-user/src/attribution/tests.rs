@@ -21,6 +21,7 @@ fn vm(n: &str, cpu_ns: &[u64]) -> VmInterval {
         pid: 100,
         vcpus: 2,
         memory_bytes: 1 << 30,
+        guest_gpu_uj: BTreeMap::new(),
     }
 }
 
@@ -98,6 +99,122 @@ fn gpu_split_by_sm_utilisation() {
     assert!(close(s.vms[&id("a")], 60.0));
     assert!(close(s.unattributed, 20.0));
     assert!(close(s.idle, 20.0));
+}
+
+/// One GPU of 100 J in the interval with VMs "a" and "b" (pids 100, 200) running and the
+/// given vGPU instances on it.
+fn vgpu_input(vgpus: &[(Option<&str>, u32)]) -> IntervalInput {
+    IntervalInput {
+        zones: vec![(key(Zone::Gpu, "gpu-0"), 100_000_000)],
+        interval_ns: S,
+        vms: vec![
+            VmInterval {
+                vcpus: 1,
+                ..vm("a", &[])
+            },
+            VmInterval {
+                pid: 200,
+                vcpus: 3,
+                ..vm("b", &[])
+            },
+        ],
+        gpu_vgpus: vgpus
+            .iter()
+            .map(|(vm, u)| ("gpu-0".to_owned(), vm.map(id), *u))
+            .collect(),
+        ..IntervalInput::default()
+    }
+}
+
+fn assert_conserves(s: &ZoneSplit) {
+    let vms: f64 = s.vms.values().sum();
+    assert!(
+        (vms + s.unattributed + s.idle - s.node).abs() <= 1e-12 * s.node,
+        "{s:?}"
+    );
+}
+
+#[test]
+fn vgpu_split_by_sm_utilisation_unknown_vm_is_host() {
+    // a's vGPU at 50 %, an instance of no running VM at 25 %: active 75 J.
+    let s = &split(&vgpu_input(&[(Some("a"), 50), (None, 25)]))[0].1;
+    assert_eq!(s.vms.get(&id("a")).copied(), Some(50.0));
+    assert!(!s.vms.contains_key(&id("b")));
+    assert_eq!((s.unattributed, s.idle), (25.0, 25.0));
+    assert_conserves(s);
+    // Another GPU's instances change nothing here.
+    let mut input = vgpu_input(&[(Some("a"), 50), (None, 25)]);
+    input.gpu_vgpus.push(("gpu-1".into(), Some(id("b")), 90));
+    assert_eq!(&split(&input)[0].1, s);
+}
+
+#[test]
+fn vgpu_and_process_users_share_one_gpu() {
+    // b's QEMU (pid 200) at 20 % as a process, a's vGPU at 40 %, a host process at 10 %.
+    let mut input = vgpu_input(&[(Some("a"), 40)]);
+    input.gpu_processes = vec![("gpu-0".into(), 200, 20), ("gpu-0".into(), 999, 10)];
+    let s = &split(&input)[0].1;
+    assert!(close(s.vms[&id("a")], 40.0) && close(s.vms[&id("b")], 20.0));
+    assert!(close(s.unattributed, 10.0) && close(s.idle, 30.0));
+    assert_conserves(s);
+}
+
+#[test]
+fn vm_seen_as_process_and_vgpu_counts_once() {
+    // a's QEMU (pid 100) listed at 40 % and a's vGPU at 40 %: the same work, counted once.
+    let mut input = vgpu_input(&[(Some("a"), 40)]);
+    input.gpu_processes = vec![("gpu-0".into(), 100, 40)];
+    let s = &split(&input)[0].1;
+    assert!(close(s.vms[&id("a")], 40.0) && close(s.idle, 60.0), "{s:?}");
+    // On another GPU where a has no vGPU, its QEMU process still counts.
+    input.gpu_processes = vec![("gpu-1".into(), 100, 40)];
+    input.zones.push((key(Zone::Gpu, "gpu-1"), 10_000_000));
+    let s = &split(&input)[1].1;
+    assert!(close(s.vms[&id("a")], 4.0) && close(s.idle, 6.0), "{s:?}");
+}
+
+#[test]
+fn vgpu_zero_utilisation_is_all_idle_and_idle_policy_spreads_it() {
+    let s = &split(&vgpu_input(&[(Some("a"), 0), (None, 0)]))[0].1;
+    assert!(s.vms.is_empty(), "{s:?}");
+    assert_eq!((s.idle, s.unattributed), (100.0, 0.0));
+    // No instance at all: the same.
+    assert_eq!(&split(&vgpu_input(&[]))[0].1, s);
+    // --idle-policy vcpus: the idle 100 J go to the running VMs by vCPUs (1:3), as for
+    // every other zone, whoever holds a vGPU.
+    let mut input = vgpu_input(&[(Some("a"), 0), (None, 0)]);
+    input.idle_policy = IdlePolicy::Vcpus;
+    let s = &split(&input)[0].1;
+    assert!(close(s.vms[&id("a")], 25.0) && close(s.vms[&id("b")], 75.0));
+    assert_eq!((s.idle, s.unattributed), (0.0, 0.0));
+    assert_conserves(s);
+    // With use: idle is what the instances left (40 J), spread the same way.
+    let mut input = vgpu_input(&[(Some("a"), 50), (None, 10)]);
+    input.idle_policy = IdlePolicy::Vcpus;
+    let s = &split(&input)[0].1;
+    assert!(close(s.vms[&id("a")], 50.0 + 10.0) && close(s.vms[&id("b")], 30.0));
+    assert!(close(s.unattributed, 10.0) && s.idle == 0.0);
+    assert_conserves(s);
+}
+
+#[test]
+fn vgpu_oversubscribed_and_rounding() {
+    // Samples over one interval can add to more than 100 %: all energy is active, each
+    // instance gets its share of the sum (60/150, 90/150).
+    let s = &split(&vgpu_input(&[(Some("a"), 60), (None, 90)]))[0].1;
+    assert!(close(s.vms[&id("a")], 40.0) && close(s.unattributed, 60.0));
+    assert_eq!(s.idle, 0.0);
+    assert_conserves(s);
+    // Thirds of 1 µJ and of an odd number of µJ: shares round, the identity does not move
+    // (host is the residual).
+    for uj in [1, 7, 1_000_001, 299_999_999] {
+        let mut input = vgpu_input(&[(Some("a"), 33), (Some("b"), 33), (None, 33)]);
+        input.zones[0].1 = uj;
+        let s = &split(&input)[0].1;
+        assert_conserves(s);
+        assert!(s.unattributed >= 0.0 && s.idle >= 0.0);
+        assert!(close(s.vms[&id("a")], s.vms[&id("b")]));
+    }
 }
 
 #[test]
@@ -196,6 +313,20 @@ fn property_conservation_monotonic_and_socket_aware() {
                 )
             })
             .collect();
+        // vGPU instances: of a VM from the pool (running or not) or of no known VM.
+        let gpu_vgpus = (0..rng.next(3))
+            .map(|_| {
+                let vm = match rng.next(3) {
+                    0 => None,
+                    _ => Some(id(&format!("vm{}", rng.next(6)))),
+                };
+                (
+                    "gpu-0".to_owned(),
+                    vm,
+                    u32::try_from(rng.next(101)).unwrap(),
+                )
+            })
+            .collect();
         let input = IntervalInput {
             zones,
             cpu_package: cpu_package.clone(),
@@ -203,6 +334,7 @@ fn property_conservation_monotonic_and_socket_aware() {
             interval_ns,
             vms: vms.clone(),
             gpu_processes,
+            gpu_vgpus,
             idle_policy: match rng.next(3) {
                 0 => IdlePolicy::None,
                 1 => IdlePolicy::Vcpus,
@@ -254,4 +386,38 @@ fn property_conservation_monotonic_and_socket_aware() {
         }
         previous = ledger.zones.clone();
     }
+}
+
+#[test]
+fn guest_reported_gpu_energy_is_all_its_vms_and_adds_to_the_node() {
+    let mut a = vm("a", &[S / 2, 0]);
+    a.guest_gpu_uj = BTreeMap::from([("pci-0000:65:00.0".to_owned(), 5_000_000)]);
+    let input = IntervalInput {
+        zones: vec![(
+            ZoneKey::new(Zone::Package, "package-0", MeterSource::RaplPowercap),
+            10_000_000,
+        )],
+        cpu_package: vec![0, 0],
+        busy_ns: Some(vec![S / 2, 0]),
+        interval_ns: S,
+        vms: vec![a, vm("b", &[0, 0])],
+        ..IntervalInput::default()
+    };
+    let splits = split(&input);
+    let (key, gpu) = splits
+        .iter()
+        .find(|(k, _)| k.source == MeterSource::GuestNvml)
+        .unwrap();
+    assert_eq!(key.zone, Zone::Gpu);
+    assert_eq!(key.device, "pci-0000:65:00.0");
+    assert_eq!(gpu.node, 5.0);
+    assert_eq!(gpu.vms, BTreeMap::from([(id("a"), 5.0)]));
+    assert_eq!((gpu.idle, gpu.unattributed), (0.0, 0.0));
+    // The CPU zone's split is untouched by it.
+    let (_, pkg) = splits
+        .iter()
+        .find(|(k, _)| k.zone == Zone::Package)
+        .unwrap();
+    assert!(close(pkg.vms[&id("a")], 2.5));
+    assert!(!pkg.vms.contains_key(&id("b")));
 }

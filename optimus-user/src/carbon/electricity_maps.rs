@@ -32,21 +32,36 @@ pub fn fetch(
     zone: &str,
     token: Option<&str>,
 ) -> Result<f64, FetchError> {
+    parse(
+        &http::get_body(request(agent, base_url, "latest", zone, token))?,
+        zone,
+    )
+}
+
+/// A GET of `/v3/carbon-intensity/<endpoint>` for `zone`: never with the caller's IP as
+/// the zone (`shouldUseFallbackCallerLookup=false`), the token as `auth-token` if given.
+pub(crate) fn request(
+    agent: &ureq::Agent,
+    base_url: &str,
+    endpoint: &str,
+    zone: &str,
+    token: Option<&str>,
+) -> ureq::Request {
     let url = format!(
-        "{}/v3/carbon-intensity/latest",
+        "{}/v3/carbon-intensity/{endpoint}",
         base_url.trim_end_matches('/')
     );
-    let mut request = agent
+    let request = agent
         .get(&url)
         .query("zone", zone)
         .query("shouldUseFallbackCallerLookup", "false");
-    if let Some(token) = token {
-        request = request.set("auth-token", token);
+    match token {
+        Some(token) => request.set("auth-token", token),
+        None => request,
     }
-    parse(&http::get_body(request)?, zone)
 }
 
-fn parse(body: &[u8], zone: &str) -> Result<f64, FetchError> {
+pub(crate) fn parse(body: &[u8], zone: &str) -> Result<f64, FetchError> {
     let latest: Latest = serde_json::from_slice(body).map_err(FetchError::malformed)?;
     if let Some(answered) = latest.zone.as_deref() {
         if !answered.eq_ignore_ascii_case(zone) {

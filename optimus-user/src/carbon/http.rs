@@ -19,6 +19,9 @@ const USER_AGENT: &str = concat!("optimus/", env!("CARGO_PKG_VERSION"));
 pub enum FetchError {
     #[error("http status {0}")]
     Status(u16),
+    /// A 429 or 5xx that said when to come back (`Retry-After`).
+    #[error("http status {code}, retry after {} s", after.as_secs())]
+    RetryAfter { code: u16, after: Duration },
     #[error("timed out")]
     Timeout,
     #[error("connect failed: {0}")]
@@ -45,6 +48,7 @@ impl FetchError {
             Self::Status(400..=499) => "http_4xx",
             Self::Status(500..=599) => "http_5xx",
             Self::Status(_) => "http_other",
+            Self::RetryAfter { code, .. } => Self::Status(*code).kind(),
             Self::Timeout => "timeout",
             Self::Connect(_) => "connect",
             Self::TooLarge => "too_large",
@@ -139,6 +143,86 @@ pub fn base_url_problem(url: &str) -> Option<&'static str> {
     }
 }
 
+impl FetchError {
+    /// Whether the server asked to be left alone (429 or 5xx): the refresher backs off.
+    pub fn is_throttle(&self) -> bool {
+        match self {
+            Self::Status(code) | Self::RetryAfter { code, .. } => *code == 429 || *code >= 500,
+            _ => false,
+        }
+    }
+
+    /// The server's `Retry-After`, if it sent one.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::RetryAfter { after, .. } => Some(*after),
+            _ => None,
+        }
+    }
+}
+
+/// A `Retry-After` value: delay-seconds, or an IMF-fixdate (`Wed, 21 Oct 2015 07:28:00
+/// GMT`) turned into the delay from now (0 if past). Anything else: `None`.
+pub fn parse_retry_after(value: &str) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = imf_fixdate_unix(value)?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()?
+        .as_secs();
+    Some(Duration::from_secs(at.saturating_sub(now)))
+}
+
+/// Seconds since the Unix epoch of an IMF-fixdate (RFC 9110 5.6.7).
+fn imf_fixdate_unix(text: &str) -> Option<u64> {
+    let (_, rest) = text.split_once(", ")?;
+    let mut parts = rest.split(' ');
+    let day: u64 = parts.next()?.parse().ok()?;
+    let month_name = parts.next()?;
+    let month = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ]
+    .iter()
+    .position(|m| *m == month_name)?;
+    let year: u64 = parts.next()?.parse().ok()?;
+    let mut hms = parts.next()?.split(':').map(str::parse::<u64>);
+    let (h, m, s) = (hms.next()?.ok()?, hms.next()?.ok()?, hms.next()?.ok()?);
+    if parts.next()? != "GMT"
+        || !(1..=31).contains(&day)
+        || year < 1970
+        || h > 23
+        || m > 59
+        || s > 60
+    {
+        return None;
+    }
+    // Days from civil (Howard Hinnant's algorithm), for years from 1970.
+    let month = u64::try_from(month).ok()? + 1;
+    let (y, mo) = if month <= 2 {
+        (year - 1, month + 9)
+    } else {
+        (year, month - 3)
+    };
+    let era = y / 400;
+    let yoe = y - era * 400;
+    let doy = (153 * mo + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = (era * 146_097 + doe).checked_sub(719_468)?;
+    Some(days * 86_400 + h * 3600 + m * 60 + s)
+}
+
+/// Whether `url` (`http://HOST…`, `https://HOST…`) names a loopback host.
+pub fn is_loopback_url(url: &str) -> bool {
+    let rest = url
+        .strip_prefix("https://")
+        .or_else(|| url.strip_prefix("http://"))
+        .unwrap_or(url);
+    is_loopback_authority(authority(rest))
+}
+
 fn authority(after_scheme: &str) -> &str {
     after_scheme.split('/').next().unwrap_or_default()
 }
@@ -157,7 +241,12 @@ fn is_loopback_authority(authority: &str) -> bool {
 
 fn from_ureq(err: ureq::Error) -> FetchError {
     match err {
-        ureq::Error::Status(code, _) => FetchError::Status(code),
+        ureq::Error::Status(code, response) => {
+            match response.header("retry-after").and_then(parse_retry_after) {
+                Some(after) if code == 429 || code >= 500 => FetchError::RetryAfter { code, after },
+                _ => FetchError::Status(code),
+            }
+        }
         ureq::Error::Transport(transport) => from_transport(&transport),
     }
 }
@@ -176,6 +265,34 @@ fn from_transport(transport: &ureq::Transport) -> FetchError {
         }
         ErrorKind::BadStatus | ErrorKind::BadHeader => FetchError::Protocol(msg),
         _ => FetchError::Transport(msg),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod retry_after_tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_seconds_and_dates() {
+        assert_eq!(parse_retry_after("120"), Some(Duration::from_secs(120)));
+        assert_eq!(parse_retry_after(" 0 "), Some(Duration::ZERO));
+        assert_eq!(
+            imf_fixdate_unix("Wed, 21 Oct 2015 07:28:00 GMT"),
+            Some(1_445_412_480)
+        );
+        assert_eq!(imf_fixdate_unix("Thu, 01 Jan 1970 00:00:00 GMT"), Some(0));
+        assert_eq!(
+            parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"),
+            Some(Duration::ZERO),
+            "a date in the past means now"
+        );
+        for bad in ["soon", "-5", "Wed, 21 Foo 2015 07:28:00 GMT", ""] {
+            assert_eq!(parse_retry_after(bad), None, "{bad}");
+        }
+        assert!(is_loopback_url("http://127.0.0.1:8080"));
+        assert!(is_loopback_url("http://[::1]:1/x"));
+        assert!(!is_loopback_url("https://api.carbonintensity.org.uk"));
     }
 }
 

@@ -6,12 +6,13 @@
 //! force is exported so a stale figure is visible. With nothing configured there is no value
 //! at all, so no carbon series are exported rather than zeros.
 
-mod electricity_maps;
+pub(crate) mod electricity_maps;
+pub mod forecast;
 mod http;
 mod refresh;
 #[cfg(test)]
 mod test_server;
-mod uk_grid;
+pub(crate) mod uk_grid;
 
 use std::collections::BTreeMap;
 use std::fmt;

@@ -1,4 +1,9 @@
 //! The refresher thread: fetch, record the outcome, log a failure once per streak, wait.
+//!
+//! How long it waits is bounded on both sides, so a public API is never hammered: at least
+//! [`MIN_PUBLIC_REFRESH`] between requests to a host that is not loopback (a local proxy or
+//! test server may be polled faster), and after a 429 or 5xx an exponential backoff with
+//! jitter ([`backoff`]), never shorter than the server's `Retry-After`.
 
 use std::collections::BTreeMap;
 use std::sync::mpsc::{self, RecvTimeoutError};
@@ -43,6 +48,12 @@ impl Provider {
                 base_url,
             } => electricity_maps::fetch(agent, base_url, zone, token.as_deref()),
             Self::UkGrid { base_url } => uk_grid::fetch(agent, base_url),
+        }
+    }
+
+    fn base_url(&self) -> &str {
+        match self {
+            Self::ElectricityMaps { base_url, .. } | Self::UkGrid { base_url } => base_url,
         }
     }
 
@@ -97,7 +108,46 @@ impl State {
     }
 }
 
-/// Fetches at once, then every `refresh`, until the sender side of `stop` is dropped.
+/// The shortest refresh against a host that is not loopback: both APIs publish at most
+/// every 30 minutes, and they are shared by everyone.
+pub const MIN_PUBLIC_REFRESH: Duration = Duration::from_secs(60);
+/// The first backoff after a 429/5xx is at least this long, whatever the refresh.
+pub const MIN_BACKOFF: Duration = Duration::from_secs(1);
+/// Backoff and `Retry-After` are capped here, so a hostile or broken server cannot stop the
+/// refreshes for good.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(3600);
+
+/// `refresh`, raised to [`MIN_PUBLIC_REFRESH`] for a host that is not loopback.
+pub fn effective_refresh(base_url: &str, refresh: Duration) -> Duration {
+    if http::is_loopback_url(base_url) {
+        refresh
+    } else {
+        refresh.max(MIN_PUBLIC_REFRESH)
+    }
+}
+
+/// The wait after the `failures`-th 429/5xx in a row (1 for the first): the larger of the
+/// refresh and [`MIN_BACKOFF`], doubled for each further failure, capped at [`MAX_BACKOFF`],
+/// with "equal jitter" (a uniform draw from its upper half, `jitter` in 0..1) so many agents
+/// do not retry in step; never less than `retry_after` (capped too) nor than `refresh`.
+pub fn backoff(
+    refresh: Duration,
+    failures: u32,
+    retry_after: Option<Duration>,
+    jitter: f64,
+) -> Duration {
+    let base = refresh.max(MIN_BACKOFF);
+    let exp = base
+        .saturating_mul(1u32 << failures.saturating_sub(1).min(20))
+        .min(MAX_BACKOFF);
+    let jittered = exp.mul_f64(0.5 + 0.5 * jitter.clamp(0.0, 1.0));
+    jittered
+        .max(retry_after.unwrap_or_default().min(MAX_BACKOFF))
+        .max(refresh)
+}
+
+/// Fetches at once, then every `refresh` (see the module doc for its bounds), until the
+/// sender side of `stop` is dropped.
 pub(super) fn run(
     provider: &Provider,
     refresh: Duration,
@@ -107,6 +157,16 @@ pub(super) fn run(
 ) {
     let agent = http::agent(timeout);
     let (source, zone) = (provider.source(), provider.zone());
+    let wanted = refresh;
+    let refresh = effective_refresh(provider.base_url(), refresh);
+    if refresh != wanted {
+        log::warn!(
+            "carbon intensity {source}: --carbon-refresh {wanted:?} is below the {} s floor \
+             for a public API; refreshing every {refresh:?}",
+            MIN_PUBLIC_REFRESH.as_secs()
+        );
+    }
+    let mut throttled = 0u32;
     loop {
         let outcome = provider.fetch(&agent);
         let transition = {
@@ -141,7 +201,22 @@ pub(super) fn run(
             (Err(err), _) => log::debug!("carbon intensity {source}/{zone}: {err}"),
             (Ok(_), _) => {}
         }
-        match stop.recv_timeout(refresh) {
+        let wait = match &outcome {
+            Err(err) if err.is_throttle() => {
+                throttled += 1;
+                let wait = backoff(refresh, throttled, err.retry_after(), fastrand::f64());
+                log::debug!(
+                    "carbon intensity {source}/{zone}: backing off {wait:?} after {throttled} \
+                     throttled answer(s)"
+                );
+                wait
+            }
+            _ => {
+                throttled = 0;
+                refresh
+            }
+        };
+        match stop.recv_timeout(wait) {
             Err(RecvTimeoutError::Timeout) => {}
             Ok(()) | Err(RecvTimeoutError::Disconnected) => return,
         }
@@ -305,6 +380,83 @@ mod tests {
         assert_eq!(after.last_error, None);
         assert_eq!(count(&after, "timeout"), 1);
         assert!(after.age.unwrap() < during.age.unwrap() + Duration::from_secs(1));
+    }
+
+    #[test]
+    fn backoff_grows_with_jitter_and_honours_retry_after() {
+        let ms = Duration::from_millis;
+        let s = Duration::from_secs;
+        // From at least 1 s, doubling, jitter in the upper half.
+        assert_eq!(backoff(ms(10), 1, None, 0.0), ms(500));
+        assert_eq!(backoff(ms(10), 1, None, 1.0), s(1));
+        assert_eq!(backoff(ms(10), 3, None, 1.0), s(4));
+        assert_eq!(
+            backoff(s(300), 2, None, 0.0),
+            s(300),
+            "never below the refresh"
+        );
+        assert_eq!(backoff(s(300), 2, None, 1.0), s(600));
+        assert_eq!(backoff(s(60), 40, None, 1.0), MAX_BACKOFF, "capped");
+        // Retry-After wins when longer, capped at an hour.
+        assert_eq!(backoff(ms(10), 1, Some(s(30)), 0.5), s(30));
+        assert_eq!(backoff(ms(10), 1, Some(s(86_400)), 0.5), MAX_BACKOFF);
+        assert_eq!(backoff(ms(10), 3, Some(s(1)), 0.0), s(2));
+    }
+
+    #[test]
+    fn public_apis_are_refreshed_at_most_once_a_minute() {
+        let ms = Duration::from_millis;
+        assert_eq!(
+            effective_refresh("https://api.carbonintensity.org.uk", ms(10)),
+            MIN_PUBLIC_REFRESH
+        );
+        assert_eq!(
+            effective_refresh(
+                "https://api.electricitymap.org/v3",
+                Duration::from_secs(600)
+            ),
+            Duration::from_secs(600)
+        );
+        assert_eq!(effective_refresh("http://127.0.0.1:9999", ms(10)), ms(10));
+    }
+
+    /// The reproduction of issue 10 G: `--carbon-refresh 10ms` against a server answering
+    /// 429. Before the backoff this made about 73 requests/s; now a handful in 3 s.
+    #[test]
+    fn a_throttling_server_is_not_hammered() {
+        let uk = r#"{"data":[{"from":"a","to":"b","intensity":{"forecast":150,"actual":null,"index":"low"}}]}"#;
+        let server = TestServer::start(vec![Reply::ok(uk), Reply::status(429)]);
+        let cfg = CarbonConfig::UkGrid {
+            base_url: server.base_url(),
+        };
+        let src =
+            CarbonSource::start(cfg, Duration::from_millis(10), Duration::from_secs(1)).unwrap();
+        thread::sleep(Duration::from_secs(3));
+        let n = server.requests().len();
+        drop(src);
+        eprintln!("requests in 3 s against a 429 server at --carbon-refresh 10ms: {n}");
+        // 1 good + 429s after waits of >= 10 ms, 0.5-1 s, 1-2 s: at most 4 in 3 s.
+        assert!((2..=4).contains(&n), "{n} requests in 3 s");
+    }
+
+    #[test]
+    fn retry_after_is_honoured() {
+        let server = TestServer::start(vec![
+            Reply::status(503).header("Retry-After", "2"),
+            Reply::ok(EM_250),
+        ]);
+        let started = Instant::now();
+        let src = CarbonSource::start(
+            em(&server),
+            Duration::from_millis(10),
+            Duration::from_secs(1),
+        )
+        .unwrap();
+        let status = wait_for(&src, "the value after Retry-After", |s| s.current.is_some());
+        let waited = started.elapsed();
+        assert!(waited >= Duration::from_secs(2), "retried after {waited:?}");
+        assert_eq!(count(&status, "http_5xx"), 1);
+        assert_eq!(server.requests().len(), 2);
     }
 
     #[test]

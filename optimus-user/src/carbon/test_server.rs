@@ -13,6 +13,7 @@ pub struct Reply {
     status: u16,
     body: String,
     delay: Duration,
+    headers: Vec<(String, String)>,
 }
 
 impl Reply {
@@ -21,6 +22,7 @@ impl Reply {
             status: 200,
             body: body.to_owned(),
             delay: Duration::ZERO,
+            headers: Vec::new(),
         }
     }
 
@@ -29,7 +31,14 @@ impl Reply {
             status,
             body: r#"{"error":"test"}"#.to_owned(),
             delay: Duration::ZERO,
+            headers: Vec::new(),
         }
+    }
+
+    /// Adds a response header.
+    pub fn header(mut self, name: &str, value: &str) -> Self {
+        self.headers.push((name.to_owned(), value.to_owned()));
+        self
     }
 
     /// Waits `delay` after reading the request before answering.
@@ -151,8 +160,13 @@ fn answer(mut stream: TcpStream, reply: &Reply, requests: &Mutex<Vec<String>>, s
     while Instant::now() < until && !stop.load(Ordering::Relaxed) {
         thread::sleep(Duration::from_millis(10));
     }
+    let extra: String = reply
+        .headers
+        .iter()
+        .map(|(k, v)| format!("{k}: {v}\r\n"))
+        .collect();
     let response = format!(
-        "HTTP/1.1 {} Test\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{}",
+        "HTTP/1.1 {} Test\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{extra}connection: close\r\n\r\n{}",
         reply.status,
         reply.body.len(),
         reply.body

@@ -36,7 +36,7 @@ pub fn fetch(agent: &ureq::Agent, base_url: &str) -> Result<f64, FetchError> {
     parse(&http::get_body(agent.get(&url))?)
 }
 
-fn parse(body: &[u8]) -> Result<f64, FetchError> {
+pub(crate) fn parse(body: &[u8]) -> Result<f64, FetchError> {
     let answer: Answer = serde_json::from_slice(body).map_err(FetchError::malformed)?;
     let period = answer
         .data

@@ -40,8 +40,6 @@ use crate::discovery::VmId;
 const MAX_DEPTH: usize = 8;
 /// Most cgroup directories walked per VM.
 const MAX_DIRS: usize = 4096;
-/// Bit of `flags` (field 9 of `/proc/<pid>/stat`) set on kernel threads.
-const PF_KTHREAD: u64 = 0x0020_0000;
 
 /// Where the memory controller's cgroups are, and which VM owns which of them.
 #[derive(Debug)]
@@ -61,19 +59,19 @@ type VmProcess = (VmId, u32);
 
 /// Which cgroup version holds the memory controller.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Version {
+pub(crate) enum Version {
     V1,
     V2,
 }
 
 /// The cgroupfs mount that holds the memory controller.
 #[derive(Clone, Debug, PartialEq, Eq)]
-struct MemoryMount {
-    version: Version,
+pub(crate) struct MemoryMount {
+    pub(crate) version: Version,
     /// Where it is mounted.
-    mount_point: PathBuf,
+    pub(crate) mount_point: PathBuf,
     /// The cgroup path mounted there (mountinfo's ROOT field; `/` for a whole hierarchy).
-    root: PathBuf,
+    pub(crate) root: PathBuf,
 }
 
 impl VmCgroups {
@@ -137,7 +135,7 @@ impl VmCgroups {
                 log::debug!(
                     "VM {} (pid {pid}): memory cgroup not mapped, its writeback I/O stays \
                      unattributed: {why}",
-                    id.name
+                    super::escape_controls(&id.name)
                 );
                 Vec::new()
             });
@@ -216,15 +214,15 @@ fn find_memory_mount(proc_root: &Path) -> Result<MemoryMount, String> {
 
 /// The fields of a mountinfo line that matter here.
 #[derive(Debug)]
-struct Mount<'a> {
-    root: PathBuf,
-    mount_point: PathBuf,
-    fstype: &'a [u8],
-    super_opts: &'a [u8],
+pub(crate) struct Mount<'a> {
+    pub(crate) root: PathBuf,
+    pub(crate) mount_point: PathBuf,
+    pub(crate) fstype: &'a [u8],
+    pub(crate) super_opts: &'a [u8],
 }
 
 /// Parses `ID PARENT MAJ:MIN ROOT MOUNTPOINT OPTS [OPTIONAL...] - FSTYPE SOURCE SUPEROPTS`.
-fn parse_mount(line: &[u8]) -> Option<Mount<'_>> {
+pub(crate) fn parse_mount(line: &[u8]) -> Option<Mount<'_>> {
     let fields: Vec<&[u8]> = line
         .split(|&b| b == b' ')
         .filter(|f| !f.is_empty())
@@ -263,12 +261,12 @@ fn unescape(field: &[u8]) -> PathBuf {
 }
 
 /// Whether comma-separated `opts` contain `opt`.
-fn has_option(opts: &[u8], opt: &[u8]) -> bool {
+pub(crate) fn has_option(opts: &[u8], opt: &[u8]) -> bool {
     opts.split(|&b| b == b',').any(|o| o == opt)
 }
 
 /// Whether a `cgroup.controllers` file's contents list `memory`.
-fn lists_memory(controllers: &str) -> bool {
+pub(crate) fn lists_memory(controllers: &str) -> bool {
     controllers.split_ascii_whitespace().any(|c| c == "memory")
 }
 
@@ -276,22 +274,7 @@ fn lists_memory(controllers: &str) -> bool {
 /// cgroup). `Err` says why there is none.
 fn vm_cgroup_dir(proc_root: &Path, mount: &MemoryMount, pid: u32) -> Result<PathBuf, String> {
     let cgroup_path = memory_cgroup_path(proc_root, mount.version, pid)?;
-    let rel = Path::new(OsStr::from_bytes(&cgroup_path))
-        .strip_prefix(&mount.root)
-        .map_err(|_| {
-            format!(
-                "its cgroup {} is not under {}, the root of the memory cgroup mount",
-                String::from_utf8_lossy(&cgroup_path),
-                mount.root.display()
-            )
-        })?;
-    if rel.components().any(|c| !matches!(c, Component::Normal(_))) {
-        return Err(format!(
-            "its cgroup path {} is outside the memory cgroup mount",
-            rel.display()
-        ));
-    }
-    let mut dir = mount.mount_point.join(rel);
+    let mut dir = cgroup_dir_in_mount(mount, &cgroup_path)?;
     if mount.version == Version::V2 {
         dir = memory_domain(&mount.mount_point, dir)?;
     }
@@ -301,29 +284,58 @@ fn vm_cgroup_dir(proc_root: &Path, mount: &MemoryMount, pid: u32) -> Result<Path
     Ok(dir)
 }
 
+/// The directory under the mount of cgroup path `cgroup_path` (from `/proc/<pid>/cgroup`);
+/// `Err` when the path is not below the mount's root or would climb out of it (`..`).
+pub(crate) fn cgroup_dir_in_mount(
+    mount: &MemoryMount,
+    cgroup_path: &[u8],
+) -> Result<PathBuf, String> {
+    let rel = Path::new(OsStr::from_bytes(cgroup_path))
+        .strip_prefix(&mount.root)
+        .map_err(|_| {
+            format!(
+                "its cgroup {} is not under {}, the root of the memory cgroup mount",
+                String::from_utf8_lossy(cgroup_path),
+                mount.root.display()
+            )
+        })?;
+    if rel.components().any(|c| !matches!(c, Component::Normal(_))) {
+        return Err(format!(
+            "its cgroup path {} is outside the memory cgroup mount",
+            rel.display()
+        ));
+    }
+    Ok(mount.mount_point.join(rel))
+}
+
 /// The cgroup path of `pid` in the hierarchy with the memory controller, from
 /// `<proc_root>/<pid>/cgroup` (`HIERARCHY:CONTROLLERS:PATH` lines).
 fn memory_cgroup_path(proc_root: &Path, version: Version, pid: u32) -> Result<Vec<u8>, String> {
     let path = proc_root.join(pid.to_string()).join("cgroup");
     let text = fs::read(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    text.split(|&b| b == b'\n')
-        .find_map(|line| {
-            let mut fields = line.splitn(3, |&b| b == b':');
-            let hierarchy = fields.next()?;
-            let controllers = fields.next()?;
-            let cgroup = fields.next()?;
-            let wanted = match version {
-                Version::V1 => has_option(controllers, b"memory"),
-                Version::V2 => hierarchy == b"0" && controllers.is_empty(),
-            };
-            wanted.then(|| cgroup.to_vec())
-        })
+    memory_cgroup_line(&text, version)
+        .map(<[u8]>::to_vec)
         .ok_or_else(|| {
             format!(
                 "{} has no line for the memory controller's hierarchy",
                 path.display()
             )
         })
+}
+
+/// The cgroup path on the memory controller's line of a `/proc/<pid>/cgroup` text.
+pub(crate) fn memory_cgroup_line(text: &[u8], version: Version) -> Option<&[u8]> {
+    text.split(|&b| b == b'\n').find_map(|line| {
+        let mut fields = line.splitn(3, |&b| b == b':');
+        let hierarchy = fields.next()?;
+        let controllers = fields.next()?;
+        let cgroup = fields.next()?;
+        let wanted = match version {
+            Version::V1 => has_option(controllers, b"memory"),
+            Version::V2 => hierarchy == b"0" && controllers.is_empty(),
+        };
+        wanted.then_some(cgroup)
+    })
 }
 
 /// cgroup v2: the cgroup at or above `dir` that the process's memory is charged to, the
@@ -428,20 +440,14 @@ fn is_vhost_worker_of(proc_root: &Path, worker: u32, pid: u32) -> bool {
     }
     let is_kthread = fs::read_to_string(worker_dir.join("stat"))
         .ok()
-        .and_then(|stat| stat_flags(&stat))
-        .is_some_and(|flags| flags & PF_KTHREAD != 0);
+        .and_then(|stat| crate::host::process_kind_of_stat(&stat))
+        .is_some_and(|kind| kind == crate::host::ProcessKind::Kernel);
     is_kthread
         && proc_root
             .join(pid.to_string())
             .join("task")
             .join(tid)
             .is_dir()
-}
-
-/// Field 9 (`flags`) of a `/proc/<pid>/stat` line, counted after the comm's last `)`.
-fn stat_flags(stat: &str) -> Option<u64> {
-    let after_comm = stat.get(stat.rfind(')')? + 1..)?;
-    after_comm.split_ascii_whitespace().nth(6)?.parse().ok()
 }
 
 #[cfg(test)]

@@ -1,6 +1,6 @@
 //! What a QEMU command line (`/proc/<pid>/cmdline`) says about the VM it runs.
 //!
-//! Only `-name` and `-uuid` matter here. `-name` is a QemuOpts list whose implied first key is
+//! Mostly `-name` and `-uuid` matter here (plus `-m`, and the mediated devices of `-device`). `-name` is a QemuOpts list whose implied first key is
 //! `guest`, so `-name foo`, `-name foo,process=bar` and `-name guest=foo,debug-threads=on` all
 //! name the guest `foo`; in a value `,,` stands for one `,` (QEMU's `get_opt_value` in
 //! `util/qemu-option.c`). Bytes are kept as bytes until the end and converted lossily, since a
@@ -15,6 +15,12 @@ pub struct QemuArgs {
     pub uuid: Option<String>,
     /// Guest memory from `-m` (`-m 256`, `-m 4G`, `-m size=262144k`), bytes.
     pub memory_bytes: Option<u64>,
+    /// The Kubernetes namespace of a KubeVirt VM, whose virt-launcher names the guest
+    /// `<namespace>_<name>` (`name` is then the VM's own name); `None` for any other QEMU.
+    pub namespace: Option<String>,
+    /// Lowercase UUIDs of the mediated devices (vGPUs) given with `-device`
+    /// (`vfio-pci,sysfsdev=/sys/bus/mdev/devices/<uuid>`, or libvirt's JSON form).
+    pub mdev_uuids: Vec<String>,
 }
 
 /// Splits the raw NUL-separated contents of `/proc/<pid>/cmdline` into arguments.
@@ -48,8 +54,10 @@ pub fn parse_qemu_cmdline(raw: &[u8]) -> Option<QemuArgs> {
         return None;
     }
     let mut args = QemuArgs::default();
+    let mut kubevirt = false;
     while let Some(arg) = argv.next() {
         let Some(opt) = option_name(arg) else {
+            kubevirt |= is_kubevirt_value(arg);
             continue;
         };
         match opt {
@@ -69,10 +77,84 @@ pub fn parse_qemu_cmdline(raw: &[u8]) -> Option<QemuArgs> {
                     args.memory_bytes = memory_size(&String::from_utf8_lossy(value));
                 }
             }
+            b"device" => {
+                if let Some(value) = argv.next() {
+                    for uuid in mdev_uuids(value) {
+                        if args.mdev_uuids.len() < MAX_MDEVS && !args.mdev_uuids.contains(&uuid) {
+                            args.mdev_uuids.push(uuid);
+                        }
+                    }
+                }
+            }
+            // The guest kernel's command line: text the guest's owner chose, no marker.
+            b"append" => {
+                argv.next();
+            }
             _ => {}
         }
     }
+    if kubevirt {
+        if let Some((namespace, name)) = args.name.as_deref().and_then(kubevirt_name) {
+            args.namespace = Some(namespace.to_owned());
+            args.name = Some(name.to_owned());
+        }
+    }
     Some(args)
+}
+
+/// Where the kernel lists mediated devices; QEMU opens an mdev (an NVIDIA vGPU) only by
+/// this path (`sysfsdev=`), so its UUID follows it in the `-device` value.
+const MDEV_SYSFS: &[u8] = b"/sys/bus/mdev/devices/";
+
+/// Most mdevs kept per VM: a GPU host gives a VM a handful; a command line is no place to
+/// grow an unbounded list.
+const MAX_MDEVS: usize = 16;
+
+/// The mdev UUIDs named in one `-device` value (`vfio-pci,sysfsdev=/sys/bus/mdev/devices/U`
+/// or `{"driver":"vfio-pci","sysfsdev":"/sys/bus/mdev/devices/U",...}`).
+fn mdev_uuids(value: &[u8]) -> impl Iterator<Item = String> + '_ {
+    value
+        .windows(MDEV_SYSFS.len())
+        .enumerate()
+        .filter(|(_, w)| *w == MDEV_SYSFS)
+        .filter_map(move |(i, _)| {
+            let start = i + MDEV_SYSFS.len();
+            let uuid = value.get(start..start + 36)?;
+            normalize_uuid(std::str::from_utf8(uuid).ok()?)
+        })
+}
+
+/// Whether an option value shows virt-launcher started this QEMU: a path under KubeVirt's
+/// runtime directories (`/var/run/kubevirt`, `-private`, `-ephemeral-disks`, ...: disks,
+/// VNC and serial sockets) or the `-smbios type=1` KubeVirt sets by default.
+fn is_kubevirt_value(value: &[u8]) -> bool {
+    const MARKERS: [&[u8]; 3] = [
+        b"/run/kubevirt",
+        b"family=KubeVirt",
+        b"manufacturer=KubeVirt",
+    ];
+    MARKERS
+        .iter()
+        .any(|m| value.windows(m.len()).any(|w| w == *m))
+}
+
+/// `<namespace>_<name>` → (namespace, name) when both are what Kubernetes allows (a
+/// namespace is a DNS label, a VM name a DNS subdomain: neither can hold `_`, so the split
+/// is unambiguous); anything else is not a KubeVirt domain name.
+pub fn kubevirt_name(guest: &str) -> Option<(&str, &str)> {
+    let (namespace, name) = guest.split_once('_')?;
+    let dns = |s: &str, max: usize, dots: bool| {
+        let inner_ok = s.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || (dots && b == b'.')
+        });
+        let alnum = |b: Option<u8>| b.is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+        !s.is_empty()
+            && s.len() <= max
+            && inner_ok
+            && alnum(s.bytes().next())
+            && alnum(s.bytes().last())
+    };
+    (dns(namespace, 63, false) && dns(name, 253, true)).then_some((namespace, name))
 }
 
 /// QEMU's `-m` value in bytes: `[size=]N[KMGT]` (no suffix: MiB), other keys ignored.
@@ -353,6 +435,77 @@ mod tests {
         assert_eq!(normalize_uuid(""), None);
     }
 
+    /// A real virt-launcher command line (tests/fixtures/kubevirt), one argument per line.
+    fn virt_launcher_cmdline() -> Vec<u8> {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../tests/fixtures/kubevirt/virt-launcher-cmdline.txt"
+        );
+        let text = std::fs::read_to_string(path).unwrap();
+        let args: Vec<&[u8]> = text.lines().map(str::as_bytes).collect();
+        raw(&args)
+    }
+
+    #[test]
+    fn kubevirt_vm_named_by_namespace_and_name() {
+        let args = parse_qemu_cmdline(&virt_launcher_cmdline()).unwrap();
+        assert_eq!(args.namespace.as_deref(), Some("default"));
+        assert_eq!(args.name.as_deref(), Some("vm-ubuntu-1"));
+        assert_eq!(
+            args.uuid.as_deref(),
+            Some("bc8c54d2-dd77-5f22-b862-c33d929c03ea")
+        );
+        assert_eq!(args.memory_bytes, Some(977 << 20));
+    }
+
+    #[test]
+    fn kubevirt_needs_a_marker_and_a_kubernetes_name() {
+        let q = b"/usr/libexec/qemu-kvm";
+        let disk = b"{\"driver\":\"file\",\"filename\":\"/var/run/kubevirt-private/vmi-disks/d/disk.img\"}";
+        let smbios = b"type=1,manufacturer=KubeVirt,product=None,family=KubeVirt";
+        let parse = |args: &[&[u8]]| parse_qemu_cmdline(&raw(args)).unwrap();
+        // An underscore alone is not KubeVirt: libvirt and plain QEMU names keep it.
+        let plain = parse(&[q, b"-name", b"guest=web_01,debug-threads=on"]);
+        assert_eq!(
+            (plain.name.as_deref(), plain.namespace),
+            (Some("web_01"), None)
+        );
+        // Either marker, with a valid name.
+        for marker in [&[&b"-blockdev"[..], disk][..], &[b"-smbios", smbios]] {
+            let mut argv: Vec<&[u8]> = vec![q, b"-name", b"guest=prod-eu_db.primary"];
+            argv.extend_from_slice(marker);
+            let a = parse(&argv);
+            assert_eq!(a.namespace.as_deref(), Some("prod-eu"));
+            assert_eq!(a.name.as_deref(), Some("db.primary"));
+        }
+        // A marker, but names Kubernetes would refuse: left as they are.
+        for guest in [
+            &b"guest=Default_vm"[..],
+            b"guest=ns_",
+            b"guest=_vm",
+            b"guest=ns_vm_x",
+            b"guest=n.s_vm",
+            b"guest=ns_-vm",
+        ] {
+            let a = parse(&[q, b"-name", guest, b"-smbios", smbios]);
+            assert_eq!(a.namespace, None, "{}", String::from_utf8_lossy(guest));
+        }
+        // The guest's kernel command line is the guest's to write: it marks nothing.
+        let a = parse(&[
+            q,
+            b"-name",
+            b"guest=my_vm",
+            b"-append",
+            b"root=/run/kubevirt",
+        ]);
+        assert_eq!((a.name.as_deref(), a.namespace), (Some("my_vm"), None));
+        assert_eq!(kubevirt_name(&format!("{}_{}", "a".repeat(64), "vm")), None);
+        assert_eq!(
+            kubevirt_name(&format!("{}_{}", "a".repeat(63), "vm")).map(|p| p.1),
+            Some("vm")
+        );
+    }
+
     #[test]
     fn memory_sizes() {
         assert_eq!(memory_size("256"), Some(256 << 20));
@@ -364,6 +517,53 @@ mod tests {
         assert_eq!(
             parse_qemu_cmdline(raw).unwrap().memory_bytes,
             Some(256 << 20)
+        );
+    }
+
+    #[test]
+    fn mediated_devices_from_device_values() {
+        let q = b"qemu-system-x86_64";
+        let a = "4b20d080-1b54-4048-85b3-a6a62d165c01";
+        let b = "B1AE8BF6-38B0-4C81-9D44-78CE3F520496";
+        let plain = format!("vfio-pci,sysfsdev=/sys/bus/mdev/devices/{a},display=off");
+        // libvirt 7+ passes -device as JSON.
+        let json = format!(
+            r#"{{"driver":"vfio-pci","id":"hostdev0","sysfsdev":"/sys/bus/mdev/devices/{b}","bus":"pci.0"}}"#
+        );
+        let args = parse_qemu_cmdline(&raw(&[
+            q,
+            b"-device",
+            plain.as_bytes(),
+            b"-device",
+            json.as_bytes(),
+            // The same device twice is one device; a truncated or malformed one is none.
+            b"-device",
+            plain.as_bytes(),
+            b"-device",
+            b"vfio-pci,sysfsdev=/sys/bus/mdev/devices/4b20d080-1b54",
+            b"-device",
+            b"virtio-blk-pci,drive=d0",
+            // Not a -device value: the guest's own kernel command line.
+            b"-append",
+            b"sysfsdev=/sys/bus/mdev/devices/11111111-2222-3333-4444-555555555555",
+        ]))
+        .unwrap();
+        assert_eq!(args.mdev_uuids, vec![a.to_owned(), b.to_ascii_lowercase()]);
+        // Bounded however many a command line lists.
+        let many: Vec<String> = (0..40)
+            .map(|i| {
+                format!(
+                    "vfio-pci,sysfsdev=/sys/bus/mdev/devices/{i:08x}-0000-0000-0000-000000000000"
+                )
+            })
+            .collect();
+        let mut argv: Vec<&[u8]> = vec![q];
+        for d in &many {
+            argv.extend([&b"-device"[..], d.as_bytes()]);
+        }
+        assert_eq!(
+            parse_qemu_cmdline(&raw(&argv)).unwrap().mdev_uuids.len(),
+            MAX_MDEVS
         );
     }
 }

@@ -62,10 +62,12 @@ fn silence_libvirt_stderr() {
 }
 
 impl LibvirtClient {
-    /// Opens a connection to `uri` (`qemu:///system`, `test:///default`, ...).
+    /// Opens a read-only connection to `uri` (`qemu:///system`, `test:///default`, ...):
+    /// discovery only lists domains, and a read-only connection is what libvirt grants a
+    /// non-root user (its `libvirt-sock-ro` socket) and can change nothing.
     pub fn connect(uri: &str) -> Result<Self, LibvirtError> {
         silence_libvirt_stderr();
-        let conn = Connect::open(Some(uri)).map_err(|source| LibvirtError::Connect {
+        let conn = Connect::open_read_only(Some(uri)).map_err(|source| LibvirtError::Connect {
             uri: uri.to_owned(),
             source,
         })?;

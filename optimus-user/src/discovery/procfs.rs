@@ -11,7 +11,12 @@
 //! (reading it takes the target's mmap lock and can stall behind a stuck process).
 //!
 //! Anything that vanishes mid-scan (`ENOENT`, `ESRCH`) is skipped silently: processes come and
-//! go between `readdir` and `read`.
+//! go between `readdir` and `read`. Any other failed read (`EMFILE` when the agent is out of
+//! file descriptors, `EACCES`) is counted in [`ProcScan::errors`] and the process keeps what
+//! the last scan knew of it, so a VM's series never vanish because one read failed.
+//!
+//! Each QEMU-looking process is checked against [`QemuTrust`] once per (pid, start time),
+//! so a pid reused by another process is examined afresh.
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
@@ -19,11 +24,8 @@ use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
 use super::cmdline::{self, QemuArgs};
+use super::trust::{QemuTrust, Untrusted};
 use super::{ThreadKind, Vm, VmId, VmSource, VmThread};
-
-/// Bit of `flags` (field 9 of `/proc/<pid>/stat`) set on kernel threads (`PF_KTHREAD` in
-/// `include/linux/sched.h`).
-const PF_KTHREAD: u64 = 0x0020_0000;
 
 /// Why a procfs scan could not run at all. Per-process trouble is never an error: the process
 /// is skipped.
@@ -38,17 +40,61 @@ pub enum ProcError {
     },
 }
 
+/// A QEMU process found in /proc, and whether it may be charged as a VM.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Candidate {
+    /// Its identity from the command line, source [`VmSource::Proc`], and its threads.
+    pub vm: Vm,
+    /// The [`QemuTrust`] verdict.
+    pub trusted: Result<(), Untrusted>,
+    /// Its QMP control socket, if its command line has one.
+    pub qmp: Option<PathBuf>,
+}
+
+/// What one scan found.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ProcScan {
+    /// QEMU processes, trusted or not, sorted by pid.
+    pub found: Vec<Candidate>,
+    /// Reads that failed for another reason than the process exiting; the processes they
+    /// concern keep what the previous scan knew.
+    pub errors: u64,
+}
+
+impl ProcScan {
+    /// Every process found, trusted or not, as VMs.
+    pub fn vms(self) -> Vec<Vm> {
+        self.found.into_iter().map(|c| c.vm).collect()
+    }
+}
+
+/// What is remembered of a QEMU process while it lives.
+#[derive(Clone, Debug)]
+struct Known {
+    /// Field 22 of `stat`: with the pid, names one process for good.
+    start_time: u64,
+    args: QemuArgs,
+    trusted: Result<(), Untrusted>,
+    qmp: Option<PathBuf>,
+}
+
 /// Scans a procfs tree for QEMU processes, remembering which processes it already ruled out so
 /// that a rescan stays cheap (see the module doc).
 #[derive(Debug)]
 pub struct ProcScanner {
     proc: PathBuf,
+    trust: QemuTrust,
     /// pid → comm it had when its command line showed it is not QEMU.
     not_qemu: HashMap<u32, Vec<u8>>,
-    /// QEMU pid → its parsed command line (it never changes while the process lives).
-    qemu_args: HashMap<u32, QemuArgs>,
+    /// QEMU pid → its parsed command line and trust verdict (neither changes while the
+    /// process lives).
+    qemu_args: HashMap<u32, Known>,
     /// QEMU pid → its threads' kinds, and how many scans each has been seen in.
     threads: HashMap<u32, HashMap<u32, (ThreadKind, u8)>>,
+    /// What the last scan returned, per pid: kept for a process whose reads fail.
+    last: HashMap<u32, Candidate>,
+    /// Failed reads of the scan in progress.
+    errors: u64,
 }
 
 /// Scans during which a new thread's `comm` is re-read: QEMU names a thread just after
@@ -59,8 +105,10 @@ const SETTLE_SCANS: u8 = 3;
 enum Found {
     Qemu {
         pid: u32,
-        args: QemuArgs,
+        known: Known,
     },
+    /// A QEMU process of the last scan whose reads failed this time.
+    Kept(u32),
     /// A kernel vhost worker (`vhost-<owner tid>`, kernels before 6.4).
     VhostKthread {
         pid: u32,
@@ -69,22 +117,27 @@ enum Found {
 }
 
 impl ProcScanner {
-    /// A scanner of the procfs mounted at `proc` (normally `/proc`).
-    pub fn new(proc: PathBuf) -> Self {
+    /// A scanner of the procfs mounted at `proc` (normally `/proc`), judging processes by
+    /// `trust`.
+    pub fn new(proc: PathBuf, trust: QemuTrust) -> Self {
         Self {
             proc,
+            trust,
             not_qemu: HashMap::new(),
             qemu_args: HashMap::new(),
             threads: HashMap::new(),
+            last: HashMap::new(),
+            errors: 0,
         }
     }
 
-    /// Every QEMU process with its threads, identity taken from its command line (name from
-    /// `-name`, else `qemu-<pid>`; uuid from `-uuid`, else `pid-<pid>`), source
-    /// [`VmSource::Proc`], threads sorted by tid; sorted by pid.
+    /// Every QEMU process with its threads and trust verdict, identity taken from its
+    /// command line (name from `-name`, else `qemu-<pid>`; uuid from `-uuid`, else
+    /// `pid-<pid>`), source [`VmSource::Proc`], threads sorted by tid; sorted by pid.
     ///
     /// Fails only when `<proc>` itself cannot be listed.
-    pub fn scan(&mut self) -> Result<Vec<Vm>, ProcError> {
+    pub fn scan(&mut self) -> Result<ProcScan, ProcError> {
+        self.errors = 0;
         let entries = fs::read_dir(&self.proc).map_err(|source| ProcError::Io {
             op: "list",
             path: self.proc.clone(),
@@ -93,7 +146,10 @@ impl ProcScanner {
         let mut found = Vec::new();
         let mut seen = HashSet::new();
         for entry in entries {
-            let Ok(entry) = entry else { continue };
+            let Ok(entry) = entry else {
+                self.errors += 1;
+                continue;
+            };
             let Some(pid) = entry
                 .file_name()
                 .to_str()
@@ -110,27 +166,123 @@ impl ProcScanner {
         self.qemu_args.retain(|pid, _| seen.contains(pid));
         self.threads.retain(|pid, _| seen.contains(pid));
 
-        let mut vms = Vec::new();
+        let mut out = Vec::new();
         let mut vhost = Vec::new();
         for f in found {
             match f {
-                Found::Qemu { pid, args } => {
-                    if let Some(vm) = self.read_vm(pid, args) {
-                        vms.push(vm);
+                Found::Qemu { pid, known } => {
+                    if let Some(c) = self.read_vm(pid, known) {
+                        out.push(c);
                     }
                 }
+                Found::Kept(pid) => out.extend(self.last.get(&pid).cloned()),
                 Found::VhostKthread { pid, owner } => vhost.push((pid, owner)),
             }
         }
+        let mut vms: Vec<Vm> = out.iter().map(|c| c.vm.clone()).collect();
         attach_vhost_kthreads(&mut vms, &vhost);
-        vms.sort_by_key(|vm| vm.pid);
-        Ok(vms)
+        for (c, vm) in out.iter_mut().zip(vms) {
+            c.vm = vm;
+        }
+        out.sort_by_key(|c| c.vm.pid);
+        self.last = out.iter().map(|c| (c.vm.pid, c.clone())).collect();
+        Ok(ProcScan {
+            found: out,
+            errors: self.errors,
+        })
+    }
+
+    /// [`scan`](Self::scan)'s result from the last scan plus a re-read of only the
+    /// processes in `changed` (the kernel's change events): each is examined afresh (its
+    /// threads' names re-read), dropped if gone, added if it became QEMU. Nothing else in
+    /// `<proc>` is read, so its cost follows what changed, not what exists. A vhost kernel
+    /// worker started since the last full scan is not among the events: the full scan
+    /// that discovery runs as a safety net finds it.
+    ///
+    /// Fails, like [`scan`](Self::scan), when `<proc>` itself cannot be opened (one open, no
+    /// listing), so an unreadable /proc is noticed at every interval all the same.
+    pub fn rescan(&mut self, changed: &HashSet<u32>) -> Result<ProcScan, ProcError> {
+        fs::read_dir(&self.proc).map_err(|source| ProcError::Io {
+            op: "list",
+            path: self.proc.clone(),
+            source,
+        })?;
+        self.errors = 0;
+        for &pid in changed {
+            // Every thread name is re-read: a rename is one of the changes.
+            self.threads.remove(&pid);
+            let found = match self.examine(pid) {
+                Some(Found::Qemu { pid, known }) => self.read_vm(pid, known),
+                Some(Found::Kept(pid)) => self.last.get(&pid).cloned(),
+                Some(Found::VhostKthread { .. }) | None => None,
+            };
+            match found {
+                Some(mut c) => {
+                    // Vhost kernel workers are processes of their own: keep those the last
+                    // full scan attached while they live.
+                    let vhost = self.last.get(&pid).into_iter().flat_map(|old| {
+                        old.vm
+                            .threads
+                            .iter()
+                            .filter(|t| t.kind == ThreadKind::Vhost)
+                    });
+                    let kept: Vec<VmThread> = vhost
+                        .filter(|t| c.vm.threads.iter().all(|n| n.tid != t.tid))
+                        .filter(|t| self.proc.join(t.tid.to_string()).exists())
+                        .cloned()
+                        .collect();
+                    if !kept.is_empty() {
+                        c.vm.threads.extend(kept);
+                        c.vm.threads.sort_by_key(|t| t.tid);
+                    }
+                    self.last.insert(pid, c);
+                }
+                None => {
+                    self.last.remove(&pid);
+                    if !self.proc.join(pid.to_string()).exists() {
+                        self.not_qemu.remove(&pid);
+                        self.qemu_args.remove(&pid);
+                        self.threads.remove(&pid);
+                    }
+                }
+            }
+        }
+        let mut found: Vec<Candidate> = self.last.values().cloned().collect();
+        found.sort_by_key(|c| c.vm.pid);
+        Ok(ProcScan {
+            found,
+            errors: self.errors,
+        })
+    }
+
+    /// Runs `read` on `path`; `None` when it fails. A vanished process (`ENOENT`, `ESRCH`)
+    /// is expected and silent; anything else is counted as an error and logged at debug.
+    fn read<'a, T>(
+        &mut self,
+        path: &'a Path,
+        read: impl FnOnce(&'a Path) -> io::Result<T>,
+    ) -> Result<T, Failed> {
+        match read(path) {
+            Ok(v) => Ok(v),
+            Err(e) if vanished(&e) => Err(Failed::Gone),
+            Err(e) => {
+                self.errors += 1;
+                log::debug!("cannot read {}: {e}", path.display());
+                Err(Failed::Error)
+            }
+        }
     }
 
     /// Decides from `comm` (and, at most once per pid and comm, `cmdline`) what `pid` is.
     fn examine(&mut self, pid: u32) -> Option<Found> {
         let dir = self.proc.join(pid.to_string());
-        let comm = read_or_skip(&dir.join("comm"), read_comm)?;
+        let kept = |this: &Self, f: Failed| {
+            (f == Failed::Error && this.last.contains_key(&pid)).then_some(Found::Kept(pid))
+        };
+        let comm = match self.read(&dir.join("comm"), read_comm) {
+            Ok(c) => c,
+            Err(f) => return kept(self, f),
+        };
         if let Some(owner) = vhost_owner(&comm) {
             return is_kthread(&dir).then_some(Found::VhostKthread { pid, owner });
         }
@@ -138,28 +290,61 @@ impl ProcScanner {
         if !qemu_comm && self.not_qemu.get(&pid) == Some(&comm) {
             return None;
         }
-        if let Some(args) = self.qemu_args.get(&pid) {
-            return Some(Found::Qemu {
-                pid,
-                args: args.clone(),
-            });
+        let start_time = match self.read(&dir.join("stat"), fs::read_to_string) {
+            Ok(stat) => stat_start_time(&stat).unwrap_or(0),
+            Err(f) => return kept(self, f),
+        };
+        if let Some(known) = self.qemu_args.get(&pid) {
+            if known.start_time == start_time {
+                return Some(Found::Qemu {
+                    pid,
+                    known: known.clone(),
+                });
+            }
+            // The pid now names another process.
+            self.qemu_args.remove(&pid);
+            self.threads.remove(&pid);
+            self.last.remove(&pid);
         }
-        let raw = read_or_skip(&dir.join("cmdline"), fs::read)?;
-        let args = cmdline::parse_qemu_cmdline(&raw);
-        if let Some(a) = &args {
-            self.not_qemu.remove(&pid);
-            self.qemu_args.insert(pid, a.clone());
-        } else if !qemu_comm {
-            // A QEMU-like comm is re-checked every scan anyway: there are few of them.
-            self.not_qemu.insert(pid, comm);
+        let raw = match self.read(&dir.join("cmdline"), fs::read) {
+            Ok(raw) => raw,
+            Err(f) => return kept(self, f),
+        };
+        let Some(args) = cmdline::parse_qemu_cmdline(&raw) else {
+            if !qemu_comm {
+                // A QEMU-like comm is re-checked every scan anyway: there are few of them.
+                self.not_qemu.insert(pid, comm);
+            }
+            return None;
+        };
+        self.not_qemu.remove(&pid);
+        let argv0 = cmdline::split_argv(&raw).next().unwrap_or_default();
+        let trusted = self.trust.check(&dir, argv0);
+        if let Err(why) = &trusted {
+            log::debug!("pid {pid} looks like QEMU but is not trusted to be a VM: {why}");
         }
-        args.map(|args| Found::Qemu { pid, args })
+        let argv: Vec<&[u8]> = cmdline::split_argv(&raw).collect();
+        let known = Known {
+            start_time,
+            args,
+            trusted,
+            qmp: super::qmp::socket_of(&argv),
+        };
+        self.qemu_args.insert(pid, known.clone());
+        Some(Found::Qemu { pid, known })
     }
 
     /// The VM run by QEMU process `pid`, or `None` if it exited meanwhile.
-    fn read_vm(&mut self, pid: u32, args: QemuArgs) -> Option<Vm> {
+    fn read_vm(&mut self, pid: u32, known: Known) -> Option<Candidate> {
+        let Known {
+            args, trusted, qmp, ..
+        } = known;
         let task = self.proc.join(pid.to_string()).join("task");
-        let entries = read_or_skip(&task, fs::read_dir)?;
+        let entries = match self.read(&task, fs::read_dir) {
+            Ok(e) => e,
+            Err(Failed::Gone) => return None,
+            Err(Failed::Error) => return self.last.get(&pid).cloned(),
+        };
         let known = self.threads.remove(&pid).unwrap_or_default();
         let mut now_known = HashMap::with_capacity(known.len());
         let mut threads = Vec::new();
@@ -179,8 +364,17 @@ impl ProcScanner {
                     kind
                 }
                 prior => {
-                    let Some(comm) = read_or_skip(&entry.path().join("comm"), read_comm) else {
-                        continue;
+                    let comm = match self.read(&entry.path().join("comm"), read_comm) {
+                        Ok(c) => c,
+                        Err(Failed::Gone) => continue,
+                        Err(Failed::Error) => {
+                            // Keep what was known of it, if anything.
+                            if let Some(&(kind, seen)) = prior {
+                                now_known.insert(tid, (kind, seen));
+                                threads.push(VmThread { tid, kind });
+                            }
+                            continue;
+                        }
                     };
                     // The main thread runs QEMU's main loop whatever `process=` renamed it to.
                     let kind = if tid == pid {
@@ -199,17 +393,56 @@ impl ProcScanner {
         }
         self.threads.insert(pid, now_known);
         threads.sort_by_key(|t| t.tid);
-        Some(Vm {
-            id: VmId {
-                name: args.name.unwrap_or_else(|| format!("qemu-{pid}")),
-                uuid: args.uuid.unwrap_or_else(|| format!("pid-{pid}")),
+        Some(Candidate {
+            vm: Vm {
+                id: VmId {
+                    name: args.name.unwrap_or_else(|| format!("qemu-{pid}")),
+                    uuid: args.uuid.unwrap_or_else(|| format!("pid-{pid}")),
+                },
+                source: VmSource::Proc,
+                pid,
+                memory_bytes: args.memory_bytes,
+                threads,
+                namespace: args.namespace,
+                mdev_uuids: args.mdev_uuids,
             },
-            source: VmSource::Proc,
-            pid,
-            memory_bytes: args.memory_bytes,
-            threads,
+            trusted,
+            qmp,
         })
     }
+}
+
+/// Processes in one list and not the other, or in both with other threads (ids or kinds):
+/// how far an event-driven view of /proc (`kept`) was from a full scan (`full`).
+pub fn differences(kept: &[Candidate], full: &[Candidate]) -> u64 {
+    let threads = |c: &Candidate| -> Vec<(u32, ThreadKind)> {
+        c.vm.threads.iter().map(|t| (t.tid, t.kind)).collect()
+    };
+    let kept: HashMap<u32, Vec<(u32, ThreadKind)>> =
+        kept.iter().map(|c| (c.vm.pid, threads(c))).collect();
+    let full: HashMap<u32, Vec<(u32, ThreadKind)>> =
+        full.iter().map(|c| (c.vm.pid, threads(c))).collect();
+    let changed = full
+        .iter()
+        .filter(|(pid, t)| kept.get(pid) != Some(t))
+        .count();
+    let gone = kept.keys().filter(|pid| !full.contains_key(pid)).count();
+    u64::try_from(changed + gone).unwrap_or(u64::MAX)
+}
+
+/// How a read of a process's file failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Failed {
+    /// The process or thread exited: expected, not an error.
+    Gone,
+    /// Anything else: counted.
+    Error,
+}
+
+/// Field 22 (`starttime`, clock ticks after boot) of a `/proc/<pid>/stat` line.
+fn stat_start_time(stat: &str) -> Option<u64> {
+    let after_comm = &stat[stat.rfind(')')? + 1..];
+    after_comm.split_ascii_whitespace().nth(19)?.parse().ok()
 }
 
 /// Adds each kernel vhost worker to the VM whose thread created it. The kernel names the worker
@@ -250,7 +483,7 @@ pub fn classify_thread(comm: &[u8]) -> ThreadKind {
 }
 
 /// `CPU <n>/KVM` or `CPU <n>/TCG` → `n`.
-fn vcpu_index(comm: &[u8]) -> Option<u32> {
+pub(crate) fn vcpu_index(comm: &[u8]) -> Option<u32> {
     let rest = comm.strip_prefix(b"CPU ")?;
     let digits = rest
         .strip_suffix(b"/KVM")
@@ -262,7 +495,7 @@ fn vcpu_index(comm: &[u8]) -> Option<u32> {
 }
 
 /// `vhost-<tid>` → `tid`.
-fn vhost_owner(comm: &[u8]) -> Option<u32> {
+pub(crate) fn vhost_owner(comm: &[u8]) -> Option<u32> {
     let digits = comm.strip_prefix(b"vhost-")?;
     if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
         return None;
@@ -271,7 +504,7 @@ fn vhost_owner(comm: &[u8]) -> Option<u32> {
 }
 
 /// Whether a process comm is that of a QEMU binary (cut to 15 bytes by the kernel).
-fn looks_like_qemu(comm: &[u8]) -> bool {
+pub(crate) fn looks_like_qemu(comm: &[u8]) -> bool {
     comm.starts_with(b"qemu-system-") || comm.starts_with(b"qemu-kvm")
 }
 
@@ -279,15 +512,8 @@ fn looks_like_qemu(comm: &[u8]) -> bool {
 /// cannot get its CPU time charged to a VM. Unreadable or vanished → no.
 fn is_kthread(pid_dir: &Path) -> bool {
     read_or_skip(&pid_dir.join("stat"), fs::read_to_string)
-        .and_then(|stat| stat_flags(&stat))
-        .is_some_and(|flags| flags & PF_KTHREAD != 0)
-}
-
-/// Field 9 (`flags`) of a `/proc/<pid>/stat` line. The comm in field 2 may hold spaces and
-/// parentheses, so fields are counted after its last `)`.
-fn stat_flags(stat: &str) -> Option<u64> {
-    let after_comm = &stat[stat.rfind(')')? + 1..];
-    after_comm.split_ascii_whitespace().nth(6)?.parse().ok()
+        .and_then(|stat| crate::host::process_kind_of_stat(&stat))
+        .is_some_and(|kind| kind == crate::host::ProcessKind::Kernel)
 }
 
 /// Reads a `comm` file: at most 64 bytes, trailing newline dropped. One `read` on procfs.
@@ -322,7 +548,7 @@ fn vanished(e: &io::Error) -> bool {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::discovery::testutil::{fixture_proc, FakeProc};
+    use crate::discovery::testutil::{fixture_proc, trust, FakeProc};
 
     fn kinds(vm: &Vm) -> Vec<(u32, ThreadKind)> {
         vm.threads.iter().map(|t| (t.tid, t.kind)).collect()
@@ -355,20 +581,13 @@ mod tests {
         }
     }
 
-    #[test]
-    fn parses_stat_flags_after_odd_comm() {
-        assert_eq!(
-            stat_flags("42 (a) b (c)) S 2 0 0 0 -1 2129984 0 0"),
-            Some(2_129_984)
-        );
-        assert_eq!(stat_flags("42 (x"), None);
-        assert_eq!(stat_flags(""), None);
-    }
-
     /// The checked-in tree: what it holds is described in its README.md.
     #[test]
     fn scans_fixture_host() {
-        let vms = ProcScanner::new(fixture_proc()).scan().unwrap();
+        let vms = ProcScanner::new(fixture_proc(), trust())
+            .scan()
+            .unwrap()
+            .vms();
         let ids: Vec<(u32, &str, &str)> = vms
             .iter()
             .map(|vm| (vm.pid, vm.id.name.as_str(), vm.id.uuid.as_str()))
@@ -424,9 +643,9 @@ mod tests {
         ];
         fake.process(10, qemu, &[(10, b"qemu-system-x86"), (11, b"CPU 0/TCG")]);
         fake.process(20, &[b"/usr/bin/sleep", b"100"], &[(20, b"sleep")]);
-        let mut scanner = ProcScanner::new(fake.path());
+        let mut scanner = ProcScanner::new(fake.path(), trust());
 
-        let vms = scanner.scan().unwrap();
+        let vms = scanner.scan().unwrap().vms();
         assert_eq!(vms.len(), 1);
         assert_eq!(
             kinds(&vms[0]),
@@ -436,7 +655,7 @@ mod tests {
         // A vCPU is hot-plugged, another thread exits.
         fake.thread(10, 12, b"CPU 1/TCG");
         fake.remove_thread(10, 11);
-        let vms = scanner.scan().unwrap();
+        let vms = scanner.scan().unwrap().vms();
         assert_eq!(
             kinds(&vms[0]),
             vec![(10, ThreadKind::Emulator), (12, ThreadKind::Vcpu(1))]
@@ -444,15 +663,62 @@ mod tests {
 
         // A thread directory whose comm is already gone.
         fs::create_dir_all(fake.path().join("10/task/13")).unwrap();
-        let vms = scanner.scan().unwrap();
+        let vms = scanner.scan().unwrap().vms();
         assert_eq!(vms[0].threads.len(), 2);
 
         // The whole task directory gone (process exiting): the VM is skipped.
         fs::remove_dir_all(fake.path().join("10/task")).unwrap();
-        assert_eq!(scanner.scan().unwrap(), vec![]);
+        assert_eq!(scanner.scan().unwrap().vms(), vec![]);
 
         fake.remove_process(10);
-        assert_eq!(scanner.scan().unwrap(), vec![]);
+        assert_eq!(scanner.scan().unwrap().vms(), vec![]);
+    }
+
+    #[test]
+    fn a_rescan_reads_only_the_changed_processes() {
+        let fake = FakeProc::new();
+        let qemu = |name: &'static [u8]| -> Vec<&'static [u8]> {
+            vec![b"/usr/bin/qemu-system-x86_64", b"-name", name]
+        };
+        fake.process(
+            10,
+            &qemu(b"guest=a"),
+            &[(10, b"qemu-system-x86"), (11, b"CPU 0/TCG")],
+        );
+        let mut scanner = ProcScanner::new(fake.path(), trust());
+        let full = scanner.scan().unwrap();
+        assert_eq!(full.found.len(), 1);
+
+        // A hot-plugged vCPU and a new QEMU, neither reported: the rescan does not see them,
+        // a full scan does (two differences: a changed thread list, a new process).
+        fake.thread(10, 12, b"CPU 1/TCG");
+        fake.process(
+            30,
+            &qemu(b"guest=b"),
+            &[(30, b"qemu-system-x86"), (31, b"CPU 0/TCG")],
+        );
+        let kept = scanner.rescan(&HashSet::new()).unwrap();
+        assert_eq!(kept.found, full.found);
+        assert_eq!(differences(&kept.found, &scanner.scan().unwrap().found), 2);
+
+        // Reported: the thread is renamed, the second QEMU exits, a pid names nobody.
+        fake.thread(10, 12, b"IO iothread0");
+        fake.remove_process(30);
+        let vms = scanner.rescan(&HashSet::from([10, 30, 99])).unwrap().vms();
+        assert_eq!(vms.len(), 1);
+        assert_eq!(
+            kinds(&vms[0]),
+            vec![
+                (10, ThreadKind::Emulator),
+                (11, ThreadKind::Vcpu(0)),
+                (12, ThreadKind::IoThread)
+            ]
+        );
+        let kept = scanner.rescan(&HashSet::new()).unwrap();
+        assert_eq!(differences(&kept.found, &scanner.scan().unwrap().found), 0);
+        // An unreadable /proc fails a rescan as it fails a scan.
+        let mut gone = ProcScanner::new(fake.path().join("gone"), trust());
+        assert!(gone.rescan(&HashSet::new()).is_err());
     }
 
     #[test]
@@ -460,8 +726,8 @@ mod tests {
         let fake = FakeProc::new();
         // Seen before exec: a forked libvirtd child.
         fake.process(30, &[b"/usr/sbin/libvirtd"], &[(30, b"rpc-libvirtd")]);
-        let mut scanner = ProcScanner::new(fake.path());
-        assert_eq!(scanner.scan().unwrap(), vec![]);
+        let mut scanner = ProcScanner::new(fake.path(), trust());
+        assert_eq!(scanner.scan().unwrap().vms(), vec![]);
         assert_eq!(
             scanner.not_qemu.get(&30).map(Vec::as_slice),
             Some(&b"rpc-libvirtd"[..])
@@ -470,7 +736,7 @@ mod tests {
         // The cached verdict holds while the comm is unchanged: a cmdline that now says QEMU
         // is not re-read (this is what keeps rescans cheap).
         fs::write(fake.path().join("30/cmdline"), b"qemu-system-x86_64\0").unwrap();
-        assert_eq!(scanner.scan().unwrap(), vec![]);
+        assert_eq!(scanner.scan().unwrap().vms(), vec![]);
 
         // exec + `process=guest-a` changes the comm: re-examined, found.
         fake.process(
@@ -478,17 +744,17 @@ mod tests {
             &[b"qemu-system-x86_64", b"-name", b"guest=a,process=guest-a"],
             &[(30, b"guest-a")],
         );
-        let vms = scanner.scan().unwrap();
+        let vms = scanner.scan().unwrap().vms();
         assert_eq!(vms.len(), 1);
         assert_eq!(vms[0].id.name, "a");
         assert!(!scanner.not_qemu.contains_key(&30));
 
         // Verdicts of exited processes are forgotten.
         fake.process(31, &[b"/bin/true"], &[(31, b"true")]);
-        scanner.scan().unwrap();
+        scanner.scan().unwrap().vms();
         assert!(scanner.not_qemu.contains_key(&31));
         fake.remove_process(31);
-        scanner.scan().unwrap();
+        scanner.scan().unwrap().vms();
         assert!(!scanner.not_qemu.contains_key(&31));
     }
 
@@ -519,14 +785,14 @@ mod tests {
         fs::create_dir_all(fake.path().join("self")).unwrap();
         fs::write(fake.path().join("uptime"), "1.0 1.0\n").unwrap();
 
-        let vms = ProcScanner::new(fake.path()).scan().unwrap();
+        let vms = ProcScanner::new(fake.path(), trust()).scan().unwrap().vms();
         assert_eq!(vms.len(), 1);
         assert_eq!(kinds(&vms[0]), vec![(40, ThreadKind::Emulator)]);
     }
 
     #[test]
     fn missing_proc_root_is_an_error() {
-        let err = ProcScanner::new(PathBuf::from("/nonexistent/proc"))
+        let err = ProcScanner::new(PathBuf::from("/nonexistent/proc"), trust())
             .scan()
             .unwrap_err();
         assert_eq!(err.to_string(), "list /nonexistent/proc");

@@ -10,6 +10,16 @@ pub fn fixture_proc() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/proc/host1")
 }
 
+/// Trust as on a real host, except that the QEMU binary must belong to whoever runs the
+/// tests (a fixture tree is theirs, not root's).
+pub fn trust() -> super::trust::QemuTrust {
+    super::trust::QemuTrust {
+        qemu_uids: std::collections::BTreeSet::from([0]),
+        // SAFETY: geteuid has no preconditions.
+        exe_owner: unsafe { libc::geteuid() },
+    }
+}
+
 /// Builds procfs trees in a temporary directory.
 pub struct FakeProc {
     pub dir: tempfile::TempDir,
@@ -27,10 +37,33 @@ impl FakeProc {
     }
 
     /// A process with `cmdline` args (NUL-terminated each) and threads `(tid, comm)`; the
-    /// first thread's comm is also the process comm.
+    /// first thread's comm is also the process comm. It runs as root a binary named like
+    /// argv[0] that belongs to the test's user (see [`trust`]).
     pub fn process(&self, pid: u32, args: &[&[u8]], threads: &[(u32, &[u8])]) {
+        self.process_as(pid, 0, args, threads);
+    }
+
+    /// [`Self::process`] running as `uid`.
+    pub fn process_as(&self, pid: u32, uid: u32, args: &[&[u8]], threads: &[(u32, &[u8])]) {
         let dir = self.dir.path().join(pid.to_string());
+        let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).unwrap();
+        let argv0 = args.first().map_or(&b"unknown"[..], |a| a);
+        let base = String::from_utf8_lossy(argv0.rsplit(|&b| b == b'/').next().unwrap_or(argv0))
+            .into_owned();
+        let bin = self
+            .dir
+            .path()
+            .join("bin")
+            .join(if base.is_empty() { "unknown" } else { &base });
+        fs::create_dir_all(bin.parent().unwrap()).unwrap();
+        fs::write(&bin, b"\x7fELF").unwrap();
+        std::os::unix::fs::symlink(&bin, dir.join("exe")).unwrap();
+        fs::write(
+            dir.join("status"),
+            format!("Name:\tx\nUid:\t{uid}\t{uid}\t{uid}\t{uid}\n"),
+        )
+        .unwrap();
         let mut raw = Vec::new();
         for a in args {
             raw.extend_from_slice(a);
@@ -41,7 +74,7 @@ impl FakeProc {
         fs::write(dir.join("comm"), [comm, b"\n"].concat()).unwrap();
         fs::write(
             dir.join("stat"),
-            format!("{pid} (x) S 1 1 1 0 -1 4194560 0"),
+            format!("{pid} (x) S 1 1 1 0 -1 4194560 0 0 0 0 0 0 0 0 20 0 1 0 {pid}00 0 0"),
         )
         .unwrap();
         for (tid, comm) in threads {

@@ -181,14 +181,16 @@ pub(crate) fn parse_proc_stat(text: &str) -> BTreeMap<u32, CpuTimes> {
         };
         let v: Vec<u64> = fields.map(|f| f.parse().unwrap_or(0)).collect();
         let at = |i: usize| v.get(i).copied().unwrap_or(0);
-        // user nice system idle iowait irq softirq steal guest guest_nice
-        let busy = at(0) + at(1) + at(2) + at(5) + at(6);
-        let idle = at(3) + at(4);
+        // user nice system idle iowait irq softirq steal guest guest_nice. Saturating: a
+        // counter near 2^64 (garbage, or a --proc-root fixture) overflowed the sum.
+        let sum = |fields: &[usize]| fields.iter().fold(0u64, |a, &i| a.saturating_add(at(i)));
+        let busy = sum(&[0, 1, 2, 5, 6]);
+        let idle = sum(&[3, 4]);
         cpus.insert(
             cpu,
             CpuTimes {
                 busy,
-                total: busy + idle,
+                total: busy.saturating_add(idle),
             },
         );
     }
@@ -348,6 +350,7 @@ impl Estimator {
                     total_uj: available.then_some(*total),
                     delta_uj: delta,
                     wraps: 0,
+                    glitches: 0,
                 }
             })
             .collect()
@@ -421,6 +424,16 @@ ctxt 78901
                 total: 11000
             }
         );
+        // Found with the proc_stat fuzz target: the sum overflowed (a panic in debug builds,
+        // a wrapped, tiny busy time in release ones).
+        let huge = parse_proc_stat("cpu0 18446744073709551615 1 0 7\n");
+        assert_eq!(
+            huge[&0],
+            CpuTimes {
+                busy: u64::MAX,
+                total: u64::MAX
+            }
+        );
     }
 
     #[test]
@@ -486,13 +499,15 @@ ctxt 78901
                     key: key("package-0"),
                     total_uj: Some(45_000_000),
                     delta_uj: Some(45_000_000),
-                    wraps: 0
+                    wraps: 0,
+                    glitches: 0
                 },
                 ZoneReading {
                     key: key("package-1"),
                     total_uj: Some(30_000_000),
                     delta_uj: Some(30_000_000),
-                    wraps: 0
+                    wraps: 0,
+                    glitches: 0
                 },
             ]
         );

@@ -35,11 +35,12 @@
 //! only perf's reading is reported, and the estimate is used only when no RAPL source is
 //! readable, so a consumer can sum the `package` zones of one sample without double counting.
 
-mod estimate;
+pub(crate) mod estimate;
 mod nvml;
-mod perf;
-mod powercap;
+pub(crate) mod perf;
+pub(crate) mod powercap;
 
+pub(crate) use estimate::{parse_proc_stat, CpuTimes};
 pub use estimate::{CpuFamily, CpuWatts, EstimateConfig};
 pub use nvml::NvmlConfig;
 
@@ -96,16 +97,23 @@ pub enum MeterSource {
     Nvml,
     /// The CPU power model (no meter).
     Estimated,
+    /// A power model trained on a real meter (`--power-model`; no meter here).
+    Model,
+    /// A passthrough GPU's NVML inside its VM, reported over the guest channel.
+    GuestNvml,
 }
 
 impl MeterSource {
-    /// The `source` label value: `rapl-powercap`, `rapl-perf`, `nvml`, `estimated`.
+    /// The `source` label value: `rapl-powercap`, `rapl-perf`, `nvml`, `estimated`, `model`,
+    /// `guest-nvml`.
     pub fn label(self) -> &'static str {
         match self {
             MeterSource::RaplPowercap => "rapl-powercap",
             MeterSource::RaplPerf => "rapl-perf",
             MeterSource::Nvml => "nvml",
             MeterSource::Estimated => "estimated",
+            MeterSource::Model => "model",
+            MeterSource::GuestNvml => "guest-nvml",
         }
     }
 }
@@ -153,6 +161,9 @@ pub struct ZoneReading {
     pub delta_uj: Option<u64>,
     /// How many counter wraps were corrected since the meter started.
     pub wraps: u64,
+    /// Counter steps rejected since the meter started because the power they imply is above
+    /// the zone's plausible maximum (their interval's energy is unknown, never added).
+    pub glitches: u64,
 }
 
 /// A process seen using a GPU in the last interval.
@@ -191,6 +202,9 @@ pub struct EnergySample {
     pub gpu_processes: Vec<GpuProcess>,
     /// vGPU instances (empty where the driver has none or does not say).
     pub vgpus: Vec<GpuVgpu>,
+    /// Per GPU device (`gpu-0`): SM and memory utilisation in percent over NVML's last
+    /// sample period, where the driver reports it (the power model's GPU features).
+    pub gpu_utilisation: std::collections::BTreeMap<String, (u32, u32)>,
     /// Time since the previous sample (zero for the first one).
     pub interval: Duration,
 }
@@ -212,7 +226,18 @@ pub struct EnergyConfig {
     pub estimate: EstimateConfig,
     /// Estimate CPU energy when no RAPL meter is readable.
     pub allow_estimate: bool,
+    /// `--max-zone-watts`: the most power any zone can plausibly draw; `None` takes it from
+    /// each zone's powercap constraints, else [`DEFAULT_MAX_ZONE_WATTS`].
+    pub max_zone_watts: Option<f64>,
+    /// `--power-model`: a model file (already checked against this host) that replaces the
+    /// estimate where no RAPL meter is readable.
+    pub power_model: Option<(PathBuf, crate::model::ModelFile)>,
 }
+
+/// The plausible maximum of a zone without powercap constraints: 5 kW, above any CPU
+/// package, its DRAM or a platform (psys) sold today, far below what a counter glitch
+/// implies (a 32-bit counter stepping back by 1 mJ reads as a 262 kJ wrap).
+pub const DEFAULT_MAX_ZONE_WATTS: f64 = 5000.0;
 
 impl Default for EnergyConfig {
     fn default() -> Self {
@@ -232,6 +257,8 @@ impl EnergyConfig {
             nvml: NvmlConfig::Default,
             estimate: EstimateConfig::default(),
             allow_estimate: true,
+            max_zone_watts: None,
+            power_model: None,
         }
     }
 }
@@ -314,6 +341,12 @@ pub enum EnergyError {
         #[source]
         source: io::Error,
     },
+    /// `max_energy_range_uj` is 0: no counter can be read against it.
+    #[error("{} is 0: the counter range must be above 0", path.display())]
+    ZeroRange {
+        /// The `max_energy_range_uj` file.
+        path: PathBuf,
+    },
     /// A file did not hold what it should.
     #[error("unexpected content {content:?} in {}", path.display())]
     Parse {
@@ -362,7 +395,9 @@ impl EnergyError {
             EnergyError::Io { source, .. }
             | EnergyError::PerfOpen { source, .. }
             | EnergyError::PerfRead { source, .. } => Some(source.kind()),
-            EnergyError::Parse { .. } | EnergyError::Nvml { .. } => None,
+            EnergyError::Parse { .. }
+            | EnergyError::ZeroRange { .. }
+            | EnergyError::Nvml { .. } => None,
         }
     }
 }
@@ -441,7 +476,18 @@ pub(crate) fn cpu_packages(
         .collect()
 }
 
-/// Wrap-aware counter delta: the one function every energy counter goes through.
+/// One step of an energy counter, judged by [`counter_delta`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CounterStep {
+    /// Energy in the interval, and whether a wrap was corrected.
+    Energy { delta: u64, wrapped: bool },
+    /// The step implies more energy than `max_delta`: a glitch (a counter that stepped back
+    /// a little, a bogus jump), not energy. `delta` is what it would have meant.
+    Glitch { delta: u64 },
+}
+
+/// Wrap-aware, plausibility-checked counter delta: the one function every energy counter
+/// goes through.
 ///
 /// The counter takes values `0..=max_range` and wraps to 0 after `max_range` (for powercap,
 /// `max_range` is the zone's `max_energy_range_uj`; for a 64-bit perf counter, `u64::MAX`).
@@ -451,14 +497,29 @@ pub(crate) fn cpu_packages(
 /// that wrapped more than once within one interval cannot be told from one that wrapped
 /// once; the sampler's interval is far shorter than a wrap period (minutes at full load).
 ///
-/// Returns the delta and whether a wrap was corrected.
-pub fn counter_delta(prev: u64, now: u64, max_range: u64) -> (u64, bool) {
-    if now >= prev {
-        return (now - prev, false);
+/// `max_delta` is the most the zone can plausibly have used since `prev` (its plausible
+/// maximum power times the time elapsed; `u64::MAX` for no check). A larger delta is a
+/// [`CounterStep::Glitch`]: that is how a small step backwards (1 010 000 000 → 1 009 999 000
+/// µJ, which as a wrap would be 262 kJ) and a jump worth hundreds of kW are told from energy.
+pub fn counter_delta(prev: u64, now: u64, max_range: u64, max_delta: u64) -> CounterStep {
+    let (delta, wrapped) = if now >= prev {
+        (now - prev, false)
+    } else {
+        let to_top = u128::from(max_range.saturating_sub(prev));
+        let delta = to_top + u128::from(now) + 1;
+        (u64::try_from(delta).unwrap_or(u64::MAX), true)
+    };
+    if delta > max_delta {
+        CounterStep::Glitch { delta }
+    } else {
+        CounterStep::Energy { delta, wrapped }
     }
-    let to_top = u128::from(max_range.saturating_sub(prev));
-    let delta = to_top + u128::from(now) + 1;
-    (u64::try_from(delta).unwrap_or(u64::MAX), true)
+}
+
+/// The most energy, in µJ, a zone of plausible maximum `max_watts` can use in `elapsed`,
+/// plus 10 ms of slack for when the counter and the clock were read.
+pub fn max_energy_uj(max_watts: f64, elapsed: Duration) -> u64 {
+    round_to_u64(max_watts * (elapsed.as_secs_f64() + 0.010) * 1e6)
 }
 
 /// Converts a non-negative float amount (of microjoules) to an integer, rounding to nearest;
@@ -497,6 +558,7 @@ pub struct EnergyMeters {
     shadow: Option<powercap::PowercapMeter>,
     estimate: Option<estimate::Estimator>,
     nvml: Option<nvml::NvmlMeter>,
+    model: Option<crate::model::meter::ModelMeter>,
     statuses: Vec<MeterStatus>,
     last: Option<Instant>,
 }
@@ -524,7 +586,7 @@ impl EnergyMeters {
 
     pub(crate) fn open_with(cfg: &EnergyConfig, now: Instant, read: ReadFn) -> EnergyMeters {
         let (mut powercap, mut powercap_status) =
-            powercap::PowercapMeter::open(&cfg.powercap_root, read);
+            powercap::PowercapMeter::open(&cfg.powercap_root, read, cfg.max_zone_watts, now);
         let (perf, perf_status) = perf::PerfMeter::open(&cfg.perf_root, &cfg.sys_root, read);
 
         let mut shadow = None;
@@ -557,6 +619,49 @@ impl EnergyMeters {
         }
 
         let cpu_meter = perf.is_some() || powercap.is_some();
+        let mut model = None;
+        let mut model_status = None;
+        if let Some((path, file)) = &cfg.power_model {
+            if cpu_meter {
+                model_status = Some(MeterStatus::new(
+                    MeterSource::Model,
+                    MeterState::Disabled,
+                    format!(
+                        "not needed: a RAPL meter is readable ({} not used)",
+                        path.display()
+                    ),
+                ));
+            } else {
+                let cpus: Vec<u32> = read_text(read, &cfg.proc_root.join("stat"))
+                    .map(|t| estimate::parse_proc_stat(&t).keys().copied().collect())
+                    .unwrap_or_default();
+                let map = cpu_packages(&cfg.sys_root, &cpus, read);
+                let len = cpus.iter().max().map_or(0, |m| *m as usize + 1);
+                let package: Vec<u32> = (0..len)
+                    .map(|c| {
+                        u32::try_from(c)
+                            .ok()
+                            .and_then(|c| map.get(&c).copied())
+                            .unwrap_or(0)
+                    })
+                    .collect();
+                let meter = crate::model::meter::ModelMeter::new(
+                    file.clone(),
+                    &cfg.proc_root,
+                    &cfg.sys_root,
+                    &package,
+                    now,
+                );
+                let detail = meter.describe(path);
+                log::info!("model: {detail}");
+                model_status = Some(MeterStatus::new(
+                    MeterSource::Model,
+                    MeterState::Active,
+                    detail,
+                ));
+                model = Some(meter);
+            }
+        }
         let (estimate, estimate_status) = if cpu_meter {
             (
                 None,
@@ -564,6 +669,15 @@ impl EnergyMeters {
                     MeterSource::Estimated,
                     MeterState::Disabled,
                     "not needed: a RAPL meter is readable",
+                ),
+            )
+        } else if model.is_some() {
+            (
+                None,
+                MeterStatus::new(
+                    MeterSource::Estimated,
+                    MeterState::Disabled,
+                    "replaced by the power model (--power-model)",
                 ),
             )
         } else if !cfg.allow_estimate {
@@ -581,6 +695,8 @@ impl EnergyMeters {
 
         let (nvml, nvml_status) = nvml::NvmlMeter::open(&cfg.nvml, now);
 
+        let mut statuses = vec![perf_status, powercap_status, estimate_status, nvml_status];
+        statuses.extend(model_status);
         // Every meter took its baseline reading while opening.
         EnergyMeters {
             perf,
@@ -588,7 +704,8 @@ impl EnergyMeters {
             shadow,
             estimate,
             nvml,
-            statuses: vec![perf_status, powercap_status, estimate_status, nvml_status],
+            model,
+            statuses,
             last: Some(now),
         }
     }
@@ -596,6 +713,11 @@ impl EnergyMeters {
     /// One line per meter for `optimus check`: found, not found, not permitted (with the fix).
     pub fn status(&self) -> Vec<MeterStatus> {
         self.statuses.clone()
+    }
+
+    /// The predicting power model's zones (empty when none is in use).
+    pub fn model_status(&self) -> Vec<crate::model::ZoneModelStatus> {
+        self.model.as_ref().map(|m| m.status()).unwrap_or_default()
     }
 
     /// Reads every meter once; call once per interval.
@@ -615,10 +737,10 @@ impl EnergyMeters {
             zones.extend(m.sample());
         }
         if let Some(m) = self.powercap.as_mut() {
-            zones.extend(m.sample());
+            zones.extend(m.sample(now));
         }
         if let Some(m) = self.shadow.as_mut() {
-            let reference = m.sample();
+            let reference = m.sample(now);
             if reference.iter().any(|r| r.delta_uj.is_some()) {
                 let notes = cross_check(&zones, &reference);
                 if let Some(status) = self
@@ -636,18 +758,24 @@ impl EnergyMeters {
         if let Some(m) = self.estimate.as_mut() {
             zones.extend(m.sample(now));
         }
+        if let Some(m) = self.model.as_mut() {
+            zones.extend(m.sample(now, interval.as_secs_f64()));
+        }
         let mut gpu_processes = Vec::new();
         let mut vgpus = Vec::new();
+        let mut gpu_utilisation = std::collections::BTreeMap::new();
         if let Some(m) = self.nvml.as_mut() {
             let gpu = m.sample(now);
             zones.extend(gpu.zones);
             gpu_processes = gpu.processes;
             vgpus = gpu.vgpus;
+            gpu_utilisation = gpu.utilisation;
         }
         EnergySample {
             zones,
             gpu_processes,
             vgpus,
+            gpu_utilisation,
             interval,
         }
     }
@@ -704,10 +832,17 @@ fn cross_check(perf: &[ZoneReading], powercap: &[ZoneReading]) -> Vec<String> {
 mod tests {
     use super::*;
 
+    fn energy(delta: u64, wrapped: bool) -> CounterStep {
+        CounterStep::Energy { delta, wrapped }
+    }
+
     #[test]
     fn counter_delta_without_wrap() {
-        assert_eq!(counter_delta(1_000, 4_500, 262_143_328_850), (3_500, false));
-        assert_eq!(counter_delta(7, 7, 100), (0, false));
+        assert_eq!(
+            counter_delta(1_000, 4_500, 262_143_328_850, u64::MAX),
+            energy(3_500, false)
+        );
+        assert_eq!(counter_delta(7, 7, 100, 0), energy(0, false));
     }
 
     #[test]
@@ -715,25 +850,60 @@ mod tests {
         // 999_999 µJ to the top, one step over the top, then 2 J more: 3 J.
         let max = 262_143_328_850;
         assert_eq!(
-            counter_delta(max - 999_999, 2_000_000, max),
-            (3_000_000, true)
+            counter_delta(max - 999_999, 2_000_000, max, u64::MAX),
+            energy(3_000_000, true)
         );
         // Wrap from the very top to zero is one step.
-        assert_eq!(counter_delta(max, 0, max), (1, true));
+        assert_eq!(counter_delta(max, 0, max, 1), energy(1, true));
     }
 
     #[test]
     fn counter_delta_full_64_bit_range() {
         // A 64-bit counter wraps modulo 2^64: exactly wrapping_sub.
         let prev = u64::MAX - 9;
-        assert_eq!(counter_delta(prev, 5, u64::MAX), (15, true));
+        assert_eq!(counter_delta(prev, 5, u64::MAX, u64::MAX), energy(15, true));
         assert_eq!(5u64.wrapping_sub(prev), 15);
     }
 
     #[test]
     fn counter_delta_inconsistent_prev_above_range() {
         // prev beyond the declared range: count what is certain (now + 1), do not underflow.
-        assert_eq!(counter_delta(150, 10, 100), (11, true));
+        assert_eq!(counter_delta(150, 10, 100, u64::MAX), energy(11, true));
+    }
+
+    #[test]
+    fn counter_delta_rejects_implausible_steps() {
+        let max = 262_143_328_850;
+        let half_second = max_energy_uj(DEFAULT_MAX_ZONE_WATTS, Duration::from_millis(500));
+        assert_eq!(half_second, 2_550_000_000, "5 kW over 0.51 s");
+        // A step back of 1 mJ is not a 262 kJ wrap.
+        assert_eq!(
+            counter_delta(1_010_000_000, 1_009_999_000, max, half_second),
+            CounterStep::Glitch {
+                delta: 262_143_327_851
+            }
+        );
+        // A jump worth 524 kW in 0.5 s is not energy either.
+        assert!(matches!(
+            counter_delta(
+                1_010_000_000,
+                1_010_000_000 + 262_000_000_000,
+                max,
+                half_second
+            ),
+            CounterStep::Glitch { .. }
+        ));
+        // A real wrap at 200 W is.
+        assert_eq!(
+            counter_delta(max - 50_000_000, 49_999_999, max, half_second),
+            energy(100_000_000, true)
+        );
+        // Exactly at the bound is still energy.
+        assert_eq!(counter_delta(0, 10, 100, 10), energy(10, false));
+        assert_eq!(
+            counter_delta(0, 11, 100, 10),
+            CounterStep::Glitch { delta: 11 }
+        );
     }
 
     #[test]
@@ -746,12 +916,14 @@ mod tests {
             total_uj: Some(0),
             delta_uj: Some(10_000_000),
             wraps: 0,
+            glitches: 0,
         }];
         let close = vec![ZoneReading {
             key: key(MeterSource::RaplPowercap),
             total_uj: Some(0),
             delta_uj: Some(9_600_000),
             wraps: 0,
+            glitches: 0,
         }];
         assert!(cross_check(&perf, &close).is_empty());
         let far = vec![ZoneReading {
@@ -855,6 +1027,7 @@ mod tests {
                 total_uj: Some(12_000_000),
                 delta_uj: Some(12_000_000),
                 wraps: 0,
+                glitches: 0,
             }]
         );
         assert!(s.gpu_processes.is_empty() && s.vgpus.is_empty());

@@ -11,12 +11,16 @@
 //!   previous sample), so attribution can charge a VM's QEMU (GPU passthrough is invisible
 //!   here: a passed-through GPU belongs to the guest's driver and NVML on the host does not
 //!   see it) or a host process;
-//! - vGPU (best effort): with NVIDIA vGPU host drivers, each active vGPU instance is listed
-//!   with its VM id (`nvmlVgpuInstanceGetVmID`), its mdev UUID, and its SM utilisation from
-//!   `nvmlDeviceGetVgpuUtilization`. Guests' work does not show as host processes there, so
-//!   this is how a vGPU VM can be charged. Drivers without vGPU say "not supported", which
-//!   is silent. nvml-wrapper does not expose vGPU instance ids or vGPU utilisation, so those
-//!   two calls go through its raw function table.
+//! - vGPU: with NVIDIA vGPU host drivers, each active vGPU instance
+//!   (`nvmlDeviceGetActiveVgpus`) is listed with its VM id (`nvmlVgpuInstanceGetVmID`: on
+//!   KVM the VM's UUID), its mdev UUID (`nvmlVgpuInstanceGetMdevUUID`), and its SM
+//!   utilisation (`nvmlDeviceGetVgpuUtilization`, averaged over the samples since the
+//!   previous call). Guests' work does not show as host processes there, so this is how a
+//!   vGPU VM is charged (`attribution::vgpu` matches the instance to its VM). Drivers without
+//!   vGPU say "not supported", which is silent. nvml-wrapper's `Device::active_vgpus` hides
+//!   the instance ids that the utilisation samples are keyed by, and it has no call for vGPU
+//!   utilisation, so those two go through its raw `nvml-wrapper-sys` function table (the same
+//!   loaded library); VM id and mdev UUID go through its `VgpuInstance`.
 //!
 //! No NVML library (no NVIDIA driver): one info line, no GPU source; nothing else changes.
 
@@ -29,8 +33,8 @@ use nvml_wrapper::vgpu::VgpuInstance;
 use nvml_wrapper::{Device, Nvml};
 
 use super::{
-    counter_delta, describe, EnergyError, GpuProcess, GpuVgpu, MeterSource, MeterState,
-    MeterStatus, Zone, ZoneKey, ZoneReading,
+    counter_delta, describe, CounterStep, EnergyError, GpuProcess, GpuVgpu, MeterSource,
+    MeterState, MeterStatus, Zone, ZoneKey, ZoneReading,
 };
 
 /// Whether and from where to load NVML.
@@ -57,6 +61,9 @@ const NVML_VALUE_TYPE_DOUBLE: u32 = 0;
 const NVML_VALUE_TYPE_UNSIGNED_INT: u32 = 1;
 const NVML_VALUE_TYPE_UNSIGNED_LONG: u32 = 2;
 const NVML_VALUE_TYPE_UNSIGNED_LONG_LONG: u32 = 3;
+
+/// Most vGPU instances read per GPU (the largest NVIDIA profiles split a GPU 32 ways).
+const MAX_VGPUS: usize = 256;
 
 /// `nvmlVgpuInstanceUtilizationSample_t`: the four `nvmlValue_t` unions (8 bytes, 8-aligned)
 /// are held as their raw bits and decoded by the sample value type.
@@ -160,7 +167,10 @@ impl Gpu {
                             );
                             mj.saturating_mul(1000)
                         } else {
-                            counter_delta(prev, mj, u64::MAX).0.saturating_mul(1000)
+                            match counter_delta(prev, mj, u64::MAX, u64::MAX) {
+                                CounterStep::Energy { delta, .. }
+                                | CounterStep::Glitch { delta } => delta.saturating_mul(1000),
+                            }
                         }
                     });
                     self.prev_mj = Some(mj);
@@ -207,6 +217,7 @@ impl Gpu {
                     total_uj: Some(self.total_uj),
                     delta_uj: delta,
                     wraps: 0,
+                    glitches: 0,
                 }
             }
             Err(err) => {
@@ -225,6 +236,7 @@ impl Gpu {
                     total_uj: None,
                     delta_uj: None,
                     wraps: 0,
+                    glitches: 0,
                 }
             }
         }
@@ -298,11 +310,15 @@ impl Gpu {
                 Vec::new()
             }
         };
-        let mut sm: BTreeMap<u32, u32> = BTreeMap::new();
+        // instance -> (sum, samples): NVML gives one sample per instance, averaged here in
+        // case a driver gives several since `last_vgpu_ts`.
+        let mut sm: BTreeMap<u32, (u64, u64)> = BTreeMap::new();
         for (instance, ts, percent) in util {
             self.last_vgpu_ts = self.last_vgpu_ts.max(ts);
             if let Some(p) = percent {
-                sm.insert(instance, p);
+                let entry = sm.entry(instance).or_default();
+                entry.0 += u64::from(p);
+                entry.1 += 1;
             }
         }
         ids.into_iter()
@@ -317,7 +333,9 @@ impl Gpu {
                     instance: id,
                     vm_id,
                     mdev_uuid: instance.mdev_uuid().ok(),
-                    sm_util_percent: sm.get(&id).copied(),
+                    sm_util_percent: sm
+                        .get(&id)
+                        .map(|&(sum, n)| u32::try_from(sum / n.max(1)).unwrap_or(u32::MAX)),
                 }
             })
             .collect()
@@ -339,7 +357,7 @@ fn active_vgpu_ids(nvml: &Nvml, device: &Device<'_>) -> Result<Vec<u32>, u32> {
         NVML_SUCCESS | NVML_ERROR_INSUFFICIENT_SIZE => {}
         other => return Err(other),
     }
-    let mut ids = vec![0u32; usize::try_from(count).unwrap_or(0)];
+    let mut ids = vec![0u32; usize::try_from(count).unwrap_or(0).min(MAX_VGPUS)];
     let mut count = u32::try_from(ids.len()).unwrap_or(0);
     // SAFETY: as above, with `ids` an array of `count` nvmlVgpuInstance_t (u32) that NVML
     // fills up to `count` entries and then sets `count` to the number written.
@@ -362,27 +380,41 @@ fn vgpu_utilization(
     let Ok(sym) = nvml.lib().nvmlDeviceGetVgpuUtilization.as_ref() else {
         return Ok(Vec::new());
     };
-    let mut samples = vec![VgpuUtilizationSample::default(); expected];
-    let mut count = u32::try_from(samples.len()).unwrap_or(0);
-    let mut value_type: u32 = 0;
-    // SAFETY: `sym` is nvmlDeviceGetVgpuUtilization from the loaded library, called with a
-    // valid device handle, valid out-pointers for the value type and count, and an array of
-    // `count` samples laid out as nvmlVgpuInstanceUtilizationSample_t (48 bytes, checked by
-    // the const assertion above); NVML writes at most `count` of them.
-    let code = unsafe {
-        sym(
-            device.handle(),
-            last_seen,
-            std::ptr::from_mut(&mut value_type).cast(),
-            &mut count,
-            samples.as_mut_ptr().cast(),
-        )
+    let mut want = expected;
+    // One retry with the size NVML asks for (an instance started since the listing).
+    let (mut samples, count, value_type) = loop {
+        let mut samples = vec![VgpuUtilizationSample::default(); want];
+        let mut count = u32::try_from(samples.len()).unwrap_or(0);
+        let mut value_type: u32 = 0;
+        // SAFETY: `sym` is nvmlDeviceGetVgpuUtilization from the loaded library, called with
+        // a valid device handle, valid out-pointers for the value type and count, and an
+        // array of `count` samples laid out as nvmlVgpuInstanceUtilizationSample_t (48 bytes,
+        // checked by the const assertion above); NVML writes at most `count` of them.
+        let code = unsafe {
+            sym(
+                device.handle(),
+                last_seen,
+                std::ptr::from_mut(&mut value_type).cast(),
+                &mut count,
+                samples.as_mut_ptr().cast(),
+            )
+        };
+        match code {
+            NVML_SUCCESS => break (samples, count, value_type),
+            NVML_ERROR_NOT_FOUND => return Ok(Vec::new()),
+            NVML_ERROR_INSUFFICIENT_SIZE if want == expected => {
+                // Bounded: NVML cannot host more instances than a u32 counts, and a GPU
+                // hosts at most a few dozen.
+                want = usize::try_from(count)
+                    .unwrap_or(0)
+                    .clamp(expected, MAX_VGPUS);
+                if want == expected {
+                    return Err(NVML_ERROR_INSUFFICIENT_SIZE);
+                }
+            }
+            other => return Err(other),
+        }
     };
-    match code {
-        NVML_SUCCESS => {}
-        NVML_ERROR_NOT_FOUND => return Ok(Vec::new()),
-        other => return Err(other),
-    }
     samples.truncate(usize::try_from(count).unwrap_or(0));
     Ok(samples
         .into_iter()
@@ -402,6 +434,8 @@ pub(crate) struct GpuSample {
     pub(crate) zones: Vec<ZoneReading>,
     pub(crate) processes: Vec<GpuProcess>,
     pub(crate) vgpus: Vec<GpuVgpu>,
+    /// Per device: SM and memory utilisation, percent (`nvmlDeviceGetUtilizationRates`).
+    pub(crate) utilisation: BTreeMap<String, (u32, u32)>,
 }
 
 /// NVIDIA GPUs.
@@ -525,6 +559,11 @@ impl NvmlMeter {
             if let Ok(d) = &device {
                 out.processes.extend(gpu.processes(d));
                 out.vgpus.extend(gpu.vgpus(&self.nvml, d));
+                // Where the driver lacks it, the GPU has no model features (not zeros).
+                if let Ok(u) = d.utilization_rates() {
+                    out.utilisation
+                        .insert(gpu.key.device.clone(), (u.gpu.min(100), u.memory.min(100)));
+                }
             }
             out.zones.push(gpu.sample(device, now));
         }
@@ -710,5 +749,64 @@ mod tests {
                 sm_util_percent: Some(40),
             }]
         );
+    }
+
+    #[test]
+    fn fake_nvml_vgpus_from_config_file() {
+        println!("fake_nvml_vgpus_from_config_file: FAKE libnvidia-ml.so, no GPU on this host");
+        let tmp = tempfile::tempdir().unwrap();
+        let lib = build_fake_nvml(tmp.path());
+        std::fs::write(
+            tmp.path().join("fake_nvml.conf"),
+            "# two instances on gpu-1, one on gpu-0\n\
+             vgpu 1 21 uuid 3F6B2C1D-8E9A-4B5C-A1D2-E3F4A5B6C7D8 - 50\n\
+             \n\
+             vgpu 1 22 domain web b1ae8bf6-38b0-4c81-9d44-78ce3f520496 25 # trailing\n\
+             vgpu 0 30 uuid 00000000-0000-4000-8000-0000000000ff - 0\n\
+             processes off\n",
+        )
+        .unwrap();
+        let t0 = Instant::now();
+        let (meter, status) = NvmlMeter::open(&NvmlConfig::LibPath(lib), t0);
+        assert_eq!(status.state, MeterState::Active, "{status}");
+        let s = meter.unwrap().sample(t0 + Duration::from_secs(1));
+        assert_eq!(s.processes, Vec::new());
+        let v = |device: &str, instance, vm_id: &str, mdev: Option<&str>, sm| GpuVgpu {
+            device: device.into(),
+            instance,
+            vm_id: Some(vm_id.into()),
+            mdev_uuid: mdev.map(str::to_owned),
+            sm_util_percent: Some(sm),
+        };
+        assert_eq!(
+            s.vgpus,
+            vec![
+                v("gpu-0", 30, "00000000-0000-4000-8000-0000000000ff", None, 0),
+                v(
+                    "gpu-1",
+                    21,
+                    "3F6B2C1D-8E9A-4B5C-A1D2-E3F4A5B6C7D8",
+                    None,
+                    50
+                ),
+                v(
+                    "gpu-1",
+                    22,
+                    "web",
+                    Some("b1ae8bf6-38b0-4c81-9d44-78ce3f520496"),
+                    25
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn fake_nvml_bad_config_fails_loudly() {
+        let tmp = tempfile::tempdir().unwrap();
+        let lib = build_fake_nvml(tmp.path());
+        std::fs::write(tmp.path().join("fake_nvml.conf"), "vgpu 1 21 uuid\n").unwrap();
+        let (meter, status) = NvmlMeter::open(&NvmlConfig::LibPath(lib), Instant::now());
+        assert!(meter.is_none());
+        assert_eq!(status.state, MeterState::Failed, "{status}");
     }
 }

@@ -23,8 +23,8 @@ use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
 
 use super::{
-    counter_delta, cpu_packages, describe, read_text, read_u64, round_to_u64, EnergyError,
-    MeterSource, MeterState, MeterStatus, ReadFn, Zone, ZoneKey, ZoneReading,
+    counter_delta, cpu_packages, describe, read_text, read_u64, round_to_u64, CounterStep,
+    EnergyError, MeterSource, MeterState, MeterStatus, ReadFn, Zone, ZoneKey, ZoneReading,
 };
 
 /// One energy event of the power PMU.
@@ -62,7 +62,7 @@ fn event_zone(name: &str) -> Option<Zone> {
 }
 
 /// `event=0x02` → 2. Only the `event` term is understood (the power PMU has no other).
-fn parse_event_term(text: &str) -> Option<u64> {
+pub(crate) fn parse_event_term(text: &str) -> Option<u64> {
     let mut config = None;
     for term in text.trim().split(',') {
         let (key, value) = term.split_once('=')?;
@@ -78,24 +78,32 @@ fn parse_event_term(text: &str) -> Option<u64> {
     config
 }
 
-/// A kernel CPU list (`0,24`, `0-3,8`) → CPU numbers.
-fn parse_cpulist(text: &str) -> Option<Vec<u32>> {
+/// CPU numbers a CPU list may name: the kernel's `CONFIG_NR_CPUS` is at most 8192 on
+/// x86 (`MAXSMP`) and 4096 on arm64; twice that leaves room and bounds the list.
+const MAX_CPUS: u32 = 16_384;
+
+/// A kernel CPU list (`0,24`, `0-3,8`) → CPU numbers; `None` if malformed or naming more
+/// CPUs, or higher ones, than any kernel has ([`MAX_CPUS`]).
+pub(crate) fn parse_cpulist(text: &str) -> Option<Vec<u32>> {
     let text = text.trim();
     if text.is_empty() {
         return None;
     }
     let mut cpus = Vec::new();
     for part in text.split(',') {
-        match part.split_once('-') {
-            Some((lo, hi)) => {
-                let (lo, hi): (u32, u32) = (lo.parse().ok()?, hi.parse().ok()?);
-                if hi < lo {
-                    return None;
-                }
-                cpus.extend(lo..=hi);
+        let (lo, hi): (u32, u32) = match part.split_once('-') {
+            Some((lo, hi)) => (lo.parse().ok()?, hi.parse().ok()?),
+            None => {
+                let cpu = part.parse().ok()?;
+                (cpu, cpu)
             }
-            None => cpus.push(part.parse().ok()?),
+        };
+        // Found by fuzzing: `0-4294967295` asked for a 16 GiB list.
+        let count = usize::try_from(hi.checked_sub(lo)?).ok()? + 1;
+        if hi >= MAX_CPUS || cpus.len() + count > MAX_CPUS as usize {
+            return None;
         }
+        cpus.extend(lo..=hi);
     }
     Some(cpus)
 }
@@ -300,7 +308,11 @@ impl PerfCounter {
             Ok(now) => {
                 self.failing = false;
                 let delta = self.prev.map(|prev| {
-                    let (d, wrapped) = counter_delta(prev, now, u64::MAX);
+                    // 64-bit counts of a scale read at open: no plausibility bound here.
+                    let (d, wrapped) = match counter_delta(prev, now, u64::MAX, u64::MAX) {
+                        CounterStep::Energy { delta, wrapped } => (delta, wrapped),
+                        CounterStep::Glitch { delta } => (delta, false),
+                    };
                     if wrapped {
                         self.wraps += 1;
                     }
@@ -318,6 +330,7 @@ impl PerfCounter {
                     total_uj: Some(self.total_uj),
                     delta_uj: delta,
                     wraps: self.wraps,
+                    glitches: 0,
                 }
             }
             Err(source) => {
@@ -341,6 +354,7 @@ impl PerfCounter {
                     total_uj: None,
                     delta_uj: None,
                     wraps: self.wraps,
+                    glitches: 0,
                 }
             }
         }
@@ -576,6 +590,10 @@ mod tests {
         assert_eq!(parse_cpulist("0-3,8"), Some(vec![0, 1, 2, 3, 8]));
         assert_eq!(parse_cpulist(""), None);
         assert_eq!(parse_cpulist("3-1"), None);
+        assert_eq!(parse_cpulist("0-4294967295"), None);
+        assert_eq!(parse_cpulist("16384"), None);
+        assert_eq!(parse_cpulist(&["0-16383"; 2].join(",")), None);
+        assert_eq!(parse_cpulist("0-16383").map(|c| c.len()), Some(16_384));
     }
 
     #[test]

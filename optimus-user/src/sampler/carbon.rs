@@ -18,11 +18,15 @@ pub struct CarbonSnapshot {
     pub vm_grams: BTreeMap<VmId, f64>,
     /// Failed refreshes by kind (`http_429`, `timeout`, `malformed`, ...).
     pub errors: BTreeMap<&'static str, u64>,
+    /// Forecast intensity `(hours ahead, g/kWh)`, 1 to 48 h where the provider covers it;
+    /// empty for a static value or before the first forecast.
+    pub forecast: Vec<(u32, f64)>,
 }
 
 /// The intensity source and the per-VM grams ledger.
 pub struct CarbonState {
     source: CarbonSource,
+    forecast: Option<crate::carbon::forecast::ForecastSource>,
     pue: f64,
     vm_grams: BTreeMap<VmId, f64>,
 }
@@ -31,9 +35,17 @@ impl CarbonState {
     pub fn new(source: CarbonSource, pue: f64) -> Self {
         Self {
             source,
+            forecast: None,
             pue,
             vm_grams: BTreeMap::new(),
         }
+    }
+
+    /// Also exports the forecast of `forecast`.
+    #[must_use]
+    pub fn with_forecast(mut self, forecast: crate::carbon::forecast::ForecastSource) -> Self {
+        self.forecast = Some(forecast);
+        self
     }
 
     /// Adds one interval: `vm_joules` is each running VM's energy in the interval.
@@ -53,6 +65,11 @@ impl CarbonState {
             age_seconds: status.age.map(|a| a.as_secs_f64()),
             vm_grams: self.vm_grams.clone(),
             errors: status.errors,
+            forecast: self
+                .forecast
+                .as_ref()
+                .map(crate::carbon::forecast::ForecastSource::hourly)
+                .unwrap_or_default(),
         }
     }
 }

@@ -16,11 +16,13 @@ pub fn kind_index(kind: ThreadKind) -> usize {
         ThreadKind::Emulator => 1,
         ThreadKind::IoThread => 2,
         ThreadKind::Vhost => 3,
+        ThreadKind::Unclassified => 4,
     }
 }
 
-/// `thread_kind` label values, indexed by [`kind_index`].
-pub const KINDS: [&str; 4] = ["vcpu", "emulator", "iothread", "vhost"];
+/// `thread_kind` label values, indexed by [`kind_index`]. A VM has either `vcpu` time or
+/// `unclassified` time (its vCPU threads could not be told apart), never both.
+pub const KINDS: [&str; 5] = ["vcpu", "emulator", "iothread", "vhost", "unclassified"];
 
 #[derive(Clone, Debug)]
 struct ThreadLedger {
@@ -41,7 +43,7 @@ impl ThreadLedger {
 struct VmLedger {
     threads: HashMap<u32, ThreadLedger>,
     /// Final counts of exited threads, by kind.
-    retired_by_kind: [u64; 4],
+    retired_by_kind: [u64; 5],
     /// Final counts of exited vCPU threads, by vCPU index.
     retired_vcpu: BTreeMap<u32, u64>,
     /// Final counts of exited threads, by CPU.
@@ -52,7 +54,7 @@ struct VmLedger {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct VmCpu {
     /// Nanoseconds by thread kind, indexed by [`kind_index`].
-    pub by_kind_ns: [u64; 4],
+    pub by_kind_ns: [u64; 5],
     /// Nanoseconds per vCPU index.
     pub vcpu_ns: BTreeMap<u32, u64>,
     /// Nanoseconds per host CPU (all threads), for socket-aware attribution.
@@ -82,6 +84,18 @@ fn add_into(dst: &mut Vec<u64>, src: &[u64]) {
 
 fn clamp_into(dst: &mut Vec<u64>, src: &[u64]) {
     merge_into(dst, src, u64::max);
+}
+
+/// The processes whose threads the tracer charges: each VM's QEMU process, and each vhost
+/// kernel worker (a process of its own before Linux 6.4; later a QEMU thread, whose id then
+/// names no process and costs nothing).
+pub fn tracked_processes(vms: &[Vm]) -> HashSet<u32> {
+    vms.iter()
+        .flat_map(|vm| {
+            let vhost = vm.threads.iter().filter(|t| t.kind == ThreadKind::Vhost);
+            std::iter::once(vm.pid).chain(vhost.map(|t| t.tid))
+        })
+        .collect()
 }
 
 /// Merges VMs that share an identity (a QEMU migrating into this same host briefly runs
@@ -193,6 +207,8 @@ mod tests {
             source: VmSource::Proc,
             pid: threads[0].0,
             memory_bytes: None,
+            namespace: None,
+            mdev_uuids: Vec::new(),
             threads: threads
                 .iter()
                 .map(|&(tid, kind)| VmThread { tid, kind })
@@ -231,7 +247,7 @@ mod tests {
         );
         assert!(forget.is_empty());
         let cpu = l.vm(&a.id).unwrap();
-        assert_eq!(cpu.by_kind_ns, [157, 5, 0, 2]);
+        assert_eq!(cpu.by_kind_ns, [157, 5, 0, 2, 0]);
         assert_eq!(cpu.vcpu_ns, BTreeMap::from([(0, 150), (1, 7)]));
         assert_eq!(cpu.per_cpu_ns, vec![106, 58]);
     }
@@ -254,10 +270,10 @@ mod tests {
             &reading(&[(10, &[6]), (11, &[30])]),
         );
         assert_eq!(forget, vec![11]);
-        assert_eq!(l.vm(&less.id).unwrap().by_kind_ns, [0, 6, 30, 0]);
+        assert_eq!(l.vm(&less.id).unwrap().by_kind_ns, [0, 6, 30, 0, 0]);
         // Next interval the kernel entry is gone; the VM total does not drop.
         l.update(std::slice::from_ref(&less), &reading(&[(10, &[7])]));
-        assert_eq!(l.vm(&less.id).unwrap().by_kind_ns, [0, 7, 30, 0]);
+        assert_eq!(l.vm(&less.id).unwrap().by_kind_ns, [0, 7, 30, 0, 0]);
     }
 
     #[test]
@@ -283,7 +299,7 @@ mod tests {
             let forget = l.update(&merged, &reading(&[(10, &[1]), (20, &[2])]));
             assert!(forget.is_empty());
         }
-        assert_eq!(l.vm(&a.id).unwrap().by_kind_ns, [0, 3, 0, 0]);
+        assert_eq!(l.vm(&a.id).unwrap().by_kind_ns, [0, 3, 0, 0, 0]);
     }
 
     #[test]

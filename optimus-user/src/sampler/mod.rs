@@ -7,6 +7,7 @@ pub mod blockio;
 pub mod carbon;
 pub mod cpu;
 pub mod energy;
+pub mod phases;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -26,11 +27,30 @@ pub struct VmSnapshot {
     pub id: VmId,
     pub source: VmSource,
     /// CPU seconds by `thread_kind`, indexed like [`cpu::KINDS`].
-    pub cpu_seconds_by_kind: [f64; 4],
+    pub cpu_seconds_by_kind: [f64; 5],
     /// CPU seconds per vCPU index.
     pub vcpu_seconds: BTreeMap<u32, f64>,
     /// Block I/O `[read, write]` submitted by the VM's QEMU process.
     pub block_io: [blockio::Io; 2],
+    /// vCPU threads found (the VM's size for placement); `None` when none is known.
+    pub vcpus: Option<u32>,
+    /// Guest memory size, bytes; `None` when unknown.
+    pub memory_bytes: Option<u64>,
+    /// Kubernetes namespace of a KubeVirt VM (`vm_namespace`); `None` for any other VM.
+    pub namespace: Option<String>,
+}
+
+/// The host's size and load, for placing VMs (`optimus advise`).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct NodeSnapshot {
+    /// Online logical CPUs.
+    pub cpus: u32,
+    /// Memory, bytes (`MemTotal`, `MemAvailable`); `None` when unreadable.
+    pub memory_bytes: Option<u64>,
+    pub memory_available_bytes: Option<u64>,
+    /// Busy time summed over CPUs since the agent started, from eBPF sched_switch; `None`
+    /// until the tracer has been read.
+    pub cpu_busy_seconds: Option<f64>,
 }
 
 /// The agent's own cost and health.
@@ -47,8 +67,22 @@ pub struct AgentStats {
     /// Samples taken, and how long the last one took.
     pub samples: u64,
     pub last_sample_seconds: f64,
-    /// Samples that failed (error or panic in a data source); the previous data is kept.
-    pub sample_errors: u64,
+    /// Failures of a data source, by source (`proc`, `libvirt`, `tracer`, `block_io`,
+    /// `cgroups`, `sampler` for a panic); the previous data of that source is kept.
+    pub sample_errors: BTreeMap<&'static str, u64>,
+    /// Processes that claimed another VM's identity (never merged into it).
+    pub identity_conflicts: u64,
+    /// VMs left out because `--max-vms` was reached.
+    pub vms_over_limit: u64,
+    /// Changes the 30 s full /proc rescan found that the kernel's change events missed.
+    pub discovery_rescan_missed: u64,
+}
+
+impl AgentStats {
+    /// Counts one failure of `source`.
+    pub fn error(&mut self, source: &'static str) {
+        *self.sample_errors.entry(source).or_default() += 1;
+    }
 }
 
 /// Everything the exporter shows, as of one sample.
@@ -61,7 +95,15 @@ pub struct Snapshot {
     pub energy: Option<energy::EnergySnapshot>,
     /// Block I/O per (device, `BLOCK_DIR_*`); empty when block I/O is not traced.
     pub block_devices: BTreeMap<blockio::DeviceKey, DeviceIo>,
+    pub node: NodeSnapshot,
     pub agent: AgentStats,
+    /// Phases of the VMs given one with `optimus phase` (empty otherwise).
+    pub phases: BTreeMap<VmId, crate::phase::PhaseLedger>,
+    /// Guest channels of the VMs that have one (empty otherwise).
+    pub guest_channels: BTreeMap<VmId, crate::channel::ChannelStatus>,
+    /// Set only inside a VM by `optimus guest`: what the host sent it (rendered instead of
+    /// everything else).
+    pub guest_view: Option<crate::guest::metrics::GuestView>,
 }
 
 /// The latest snapshot, shared between the sampler (writer) and the exporter (readers).
@@ -94,6 +136,19 @@ pub struct Sampler {
     cgroups_at: Option<Instant>,
     paths: HostPaths,
     stats: AgentStats,
+    /// `--vm-filter`: only VMs whose names match are tracked and exported.
+    vm_filter: Option<regex::Regex>,
+    /// `--libvirt-only`: only VMs that libvirt runs are tracked and exported.
+    libvirt_only: bool,
+    /// Per-CPU busy ns, kept monotonic (the running slice makes a read early or late).
+    node_busy_ns: Vec<u64>,
+    /// VM phases, and the control socket's requests for them.
+    phases: phases::VmPhases,
+    requests: Option<std::sync::mpsc::Receiver<crate::control::PhaseRequest>>,
+    /// Guest channels, and the interval their figures describe.
+    channels: Option<(crate::channel::Channels, Duration)>,
+    /// Processes first tracked at the last sample: re-read at the next one.
+    newly_tracked: HashSet<u32>,
 }
 
 /// How often every VM's memory cgroup is re-read (a process may join a VM's cgroup, or
@@ -120,33 +175,177 @@ impl Sampler {
             cgroups_at: None,
             paths,
             stats: AgentStats::default(),
+            vm_filter: None,
+            libvirt_only: false,
+            node_busy_ns: Vec::new(),
+            phases: phases::VmPhases::default(),
+            requests: None,
+            channels: None,
+            newly_tracked: HashSet::new(),
         }
+    }
+
+    /// Talks to the VMs' guest channels: their GPU claims are charged, their figures (of
+    /// each `interval`) sent back.
+    #[must_use]
+    pub fn with_guest_channels(
+        mut self,
+        channels: crate::channel::Channels,
+        interval: Duration,
+    ) -> Self {
+        self.channels = Some((channels, interval));
+        self
+    }
+
+    /// Serves VM phase switches from `requests` (the control socket) between samples.
+    #[must_use]
+    pub fn with_phase_requests(
+        mut self,
+        requests: std::sync::mpsc::Receiver<crate::control::PhaseRequest>,
+    ) -> Self {
+        self.requests = Some(requests);
+        self
+    }
+
+    /// Waits up to `wait` for a phase request (sleeps when there is no control socket).
+    fn next_request(&mut self, wait: Duration) -> Option<crate::control::PhaseRequest> {
+        let Some(rx) = &self.requests else {
+            std::thread::sleep(wait);
+            return None;
+        };
+        match rx.recv_timeout(wait) {
+            Ok(req) => Some(req),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => None,
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                self.requests = None;
+                None
+            }
+        }
+    }
+
+    /// Takes a sample for a phase boundary, switches the VM's phase at it, publishes.
+    fn serve_phase(
+        &mut self,
+        req: crate::control::PhaseRequest,
+        shared: &SharedSnapshot,
+        on_publish: &mut impl FnMut(&Snapshot),
+    ) {
+        let reply = match catch_unwind(AssertUnwindSafe(|| self.step())) {
+            Ok(mut snapshot) => {
+                let reply = self.phases.switch(&req.vm, req.mark);
+                snapshot.phases.clone_from(self.phases.ledgers());
+                on_publish(&snapshot);
+                publish(shared, snapshot);
+                reply
+            }
+            Err(_) => {
+                self.stats.error("sampler");
+                log::error!("a sample panicked; keeping the previous data");
+                crate::control::Reply::error("the agent could not read its counters; see its log")
+            }
+        };
+        // The client may have given up waiting: nothing to do then.
+        let _ = req.reply.send(reply);
+    }
+
+    /// Tracks and exports only the VMs whose names match `filter` (all with `None`).
+    #[must_use]
+    pub fn with_vm_filter(mut self, filter: Option<regex::Regex>) -> Self {
+        self.vm_filter = filter;
+        self
+    }
+
+    /// Saves what must outlive the agent (the trained power model).
+    pub fn finish(&mut self) {
+        if let Some(e) = self.energy.as_mut() {
+            e.finish();
+        }
+    }
+
+    /// Tracks and exports only the VMs that libvirt runs (`--libvirt-only`).
+    #[must_use]
+    pub fn with_libvirt_only(mut self, libvirt_only: bool) -> Self {
+        self.libvirt_only = libvirt_only;
+        self
     }
 
     /// Takes one sample.
     pub fn step(&mut self) -> Snapshot {
         let started = Instant::now();
-        let vms = cpu::merge_same_id(self.discovery.scan());
+        // The first sample lists /proc in full: the change programs only report processes
+        // already tracked. A process tracked since the last sample is looked at once more,
+        // in case it changed before its bit was set.
+        let changes = self
+            .tracer
+            .take_changes()
+            .filter(|_| self.stats.samples > 0);
+        let changes = changes.map(|mut c| {
+            c.extend(self.newly_tracked.drain());
+            c
+        });
+        let mut vms = self.discovery.scan_changes(changes.as_ref());
+        if let Some(filter) = &self.vm_filter {
+            vms.retain(|vm| filter.is_match(&vm.id.name));
+        }
+        if self.libvirt_only {
+            vms.retain(|vm| vm.source == VmSource::Libvirt);
+        }
+        // Before merging: a VM running as two processes has two tgids.
+        let tgids = cpu::tracked_processes(&vms);
+        let vms = cpu::merge_same_id(vms);
         let tids: HashSet<u32> = vms
             .iter()
             .flat_map(|vm| vm.threads.iter().map(|t| t.tid))
             .collect();
-        if let Err(e) = self.tracer.set_tracked(&tids) {
-            self.stats.sample_errors += 1;
+        for (source, n) in self.discovery.errors() {
+            self.stats.sample_errors.insert(source, *n);
+        }
+        self.stats.identity_conflicts = self.discovery.identity_conflicts();
+        self.stats.discovery_rescan_missed = self.discovery.rescan_missed();
+        self.stats.vms_over_limit = self.discovery.vms_over_limit();
+        let before = self.tracer.tracked().clone();
+        self.newly_tracked = tgids.difference(&before).copied().collect();
+        if let Err(e) = self.tracer.set_tracked(&tgids) {
+            self.stats.error("tracer");
             log::warn!("cannot update the tracked threads: {e}");
         }
         let reading = match self.tracer.read_cpu() {
             Ok(reading) => {
+                cpu::merge_into(&mut self.node_busy_ns, &reading.busy_ns, u64::max);
                 let forget = self.ledger.update(&vms, &reading);
                 self.tracer.forget(&forget);
+                if !self.tracer.tracks_all() {
+                    // Threads charged by process but in no VM's list: a tracked QEMU's new
+                    // thread (kept: the next scan lists it, with every slice since its first
+                    // switch), or one that is gone or left a tracked process (dropped).
+                    let stray: Vec<u32> = reading
+                        .threads
+                        .keys()
+                        .filter(|tid| !tids.contains(tid))
+                        .filter(|&&tid| {
+                            self.paths
+                                .thread_group(tid)
+                                .is_none_or(|tgid| !self.tracer.tracked().contains(&tgid))
+                        })
+                        .copied()
+                        .collect();
+                    self.tracer.forget(&stray);
+                }
                 Some(reading)
             }
             Err(e) => {
-                self.stats.sample_errors += 1;
+                self.stats.error("tracer");
                 log::warn!("cannot read CPU time from the tracer: {e}");
                 None
             }
         };
+        if let Some((channels, _)) = &mut self.channels {
+            channels.sync(&vms);
+            let claims = channels.take_gpu();
+            if let Some(e) = self.energy.as_mut() {
+                e.set_guest_gpu(claims);
+            }
+        }
         let energy = self
             .energy
             .as_mut()
@@ -156,34 +355,76 @@ impl Sampler {
             _ => None,
         };
         self.fold_block_io(&vms);
-        let vms = vms
+        let (vms, cpu_totals): (Vec<VmSnapshot>, Vec<u64>) = vms
             .iter()
             .filter_map(|vm| {
                 let cpu = self.ledger.vm(&vm.id)?;
-                Some(VmSnapshot {
-                    id: vm.id.clone(),
-                    source: vm.source,
-                    cpu_seconds_by_kind: cpu.by_kind_ns.map(seconds),
-                    vcpu_seconds: cpu.vcpu_ns.iter().map(|(k, v)| (*k, seconds(*v))).collect(),
-                    block_io: self.block_io.vm(&vm.id),
-                })
+                let total_ns: u64 = cpu.by_kind_ns.iter().sum();
+                Some((
+                    VmSnapshot {
+                        id: vm.id.clone(),
+                        source: vm.source,
+                        cpu_seconds_by_kind: cpu.by_kind_ns.map(seconds),
+                        vcpu_seconds: cpu.vcpu_ns.iter().map(|(k, v)| (*k, seconds(*v))).collect(),
+                        block_io: self.block_io.vm(&vm.id),
+                        vcpus: u32::try_from(
+                            vm.threads
+                                .iter()
+                                .filter(|t| matches!(t.kind, crate::discovery::ThreadKind::Vcpu(_)))
+                                .count(),
+                        )
+                        .ok()
+                        .filter(|n| *n > 0),
+                        memory_bytes: vm.memory_bytes,
+                        namespace: vm.namespace.clone(),
+                    },
+                    total_ns,
+                ))
             })
-            .collect();
+            .unzip();
+        let at_ns = reading
+            .as_ref()
+            .map_or_else(crate::tracer::monotonic_ns, |r| r.at_ns);
+        let with_cpu: Vec<(&VmSnapshot, u64)> = vms.iter().zip(cpu_totals).collect();
+        self.phases.observe(at_ns, &with_cpu, energy.as_ref());
         if let Ok(s) = self.tracer.stats() {
             self.stats.sched_switch_events = s.switches;
             self.stats.ebpf_dropped = s.dropped;
         }
+        self.tracer.flush_logs();
         self.stats.samples += 1;
         self.stats.last_sample_seconds = started.elapsed().as_secs_f64();
-        let (cpu_seconds, resident_bytes) = self_usage(&self.paths);
+        let (cpu_seconds, resident_bytes) = self_usage();
         self.stats.cpu_seconds = cpu_seconds;
         self.stats.resident_bytes = resident_bytes;
-        Snapshot {
+        let mut snapshot = Snapshot {
             vms,
             energy,
             carbon,
             block_devices: self.block_io.devices().clone(),
+            node: self.node(),
             agent: self.stats.clone(),
+            phases: self.phases.ledgers().clone(),
+            guest_channels: BTreeMap::new(),
+            guest_view: None,
+        };
+        if let Some((channels, interval)) = &self.channels {
+            snapshot.guest_channels = channels.status();
+            channels.send(&snapshot, *interval);
+        }
+        snapshot
+    }
+
+    fn node(&self) -> NodeSnapshot {
+        let mem = self.paths.meminfo();
+        // SAFETY: sysconf has no preconditions.
+        let online = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+        NodeSnapshot {
+            cpus: u32::try_from(online).unwrap_or(0),
+            memory_bytes: mem.total,
+            memory_available_bytes: mem.available,
+            cpu_busy_seconds: (!self.node_busy_ns.is_empty())
+                .then(|| seconds(self.node_busy_ns.iter().sum())),
         }
     }
 
@@ -199,7 +440,7 @@ impl Sampler {
         let entries = match self.tracer.read_block_io() {
             Ok(e) => e,
             Err(e) => {
-                self.stats.sample_errors += 1;
+                self.stats.error("block_io");
                 log::warn!("cannot read block I/O from the tracer: {e}");
                 return;
             }
@@ -257,19 +498,21 @@ impl Sampler {
         }
         let ids: HashSet<u64> = self.cgroups.ids().collect();
         if let Err(e) = self.tracer.set_vm_cgroups(&ids) {
-            self.stats.sample_errors += 1;
+            self.stats.error("cgroups");
             log::warn!("cannot list the VMs' cgroups to the block program: {e}");
         }
     }
 }
 
-/// Runs the sampler on its own thread until `stop` is set, publishing into `shared`.
+/// Runs the sampler on its own thread until `stop` is set, publishing into `shared` and
+/// handing each published snapshot to `on_publish` (the live page's history).
 /// A panicking data source costs one sample (counted, logged), never the exporter.
 pub fn spawn(
     mut sampler: Sampler,
     interval: Duration,
     shared: SharedSnapshot,
     stop: Arc<AtomicBool>,
+    mut on_publish: impl FnMut(&Snapshot) + Send + 'static,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new()
         .name("optimus-sampler".into())
@@ -277,9 +520,12 @@ pub fn spawn(
             let mut next = Instant::now();
             while !stop.load(Ordering::Relaxed) {
                 match catch_unwind(AssertUnwindSafe(|| sampler.step())) {
-                    Ok(snapshot) => publish(&shared, snapshot),
+                    Ok(snapshot) => {
+                        on_publish(&snapshot);
+                        publish(&shared, snapshot);
+                    }
                     Err(_) => {
-                        sampler.stats.sample_errors += 1;
+                        sampler.stats.error("sampler");
                         log::error!("a sample panicked; keeping the previous data");
                     }
                 }
@@ -295,9 +541,12 @@ pub fn spawn(
                     if left.is_zero() {
                         break;
                     }
-                    std::thread::sleep(left.min(Duration::from_millis(100)));
+                    if let Some(req) = sampler.next_request(left.min(Duration::from_millis(100))) {
+                        sampler.serve_phase(req, &shared, &mut on_publish);
+                    }
                 }
             }
+            sampler.finish();
         })
 }
 
@@ -309,8 +558,9 @@ fn publish(shared: &SharedSnapshot, snapshot: Snapshot) {
     }
 }
 
-/// The agent's CPU seconds and resident bytes, from `/proc/self`.
-fn self_usage(paths: &HostPaths) -> (f64, u64) {
+/// The agent's CPU seconds and resident bytes, from the agent's own `/proc/self` (not the
+/// `--proc-root`, which may be a fixture or another mount).
+fn self_usage() -> (f64, u64) {
     let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
     // SAFETY: getrusage fills the struct it is given; RUSAGE_SELF always exists.
     let cpu = if unsafe { libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr()) } == 0 {
@@ -328,7 +578,7 @@ fn self_usage(paths: &HostPaths) -> (f64, u64) {
     };
     // SAFETY: sysconf has no preconditions.
     let page = u64::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
-    let rss = std::fs::read_to_string(paths.proc.join("self/statm"))
+    let rss = std::fs::read_to_string("/proc/self/statm")
         .ok()
         .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
         .map_or(0, |pages| pages * page);

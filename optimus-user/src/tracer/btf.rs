@@ -31,6 +31,11 @@ pub enum BtfError {
 }
 
 const MAGIC: u16 = 0xeb9f;
+/// Most struct members one lookup visits, anonymous ones' members included. A real
+/// kernel's `task_struct` or `page` is a few hundred; without a bound, a blob whose
+/// anonymous members point back at their own struct made a lookup take 20^8 steps (found
+/// while writing the `btf` fuzz target; `fuzz/regressions/btf/` keeps the input).
+const MEMBER_VISITS: u32 = 100_000;
 const KIND_STRUCT: u32 = 4;
 const KIND_UNION: u32 = 5;
 const KIND_TYPEDEF: u32 = 8;
@@ -129,7 +134,8 @@ impl Btf {
                     && self.vlen(id).is_some_and(|n| n > 0)
             })
             .ok_or(BtfError::NotFound { strukt, member })?;
-        match self.find_member(id, member.as_bytes(), 0, 0)? {
+        let mut budget = MEMBER_VISITS;
+        match self.find_member(id, member.as_bytes(), 0, 0, &mut budget)? {
             Some((bits, false)) if bits % 8 == 0 => {
                 u32::try_from(bits / 8).map_err(|_| BtfError::Malformed("offset"))
             }
@@ -139,13 +145,15 @@ impl Btf {
     }
 
     /// Bit offset of `member` in composite type `id` (plus `base`) and whether it is a
-    /// bitfield, searching anonymous members depth first.
+    /// bitfield, searching anonymous members depth first, visiting at most `budget`
+    /// members in all.
     fn find_member(
         &self,
         id: usize,
         member: &[u8],
         base: u64,
         depth: u32,
+        budget: &mut u32,
     ) -> Result<Option<(u64, bool)>, BtfError> {
         let pos = *self
             .types
@@ -157,6 +165,9 @@ impl Btf {
         let kind_flag = info >> 31 == 1;
         let vlen = usize::try_from(info & 0xffff).map_err(|_| BtfError::Malformed("vlen"))?;
         for i in 0..vlen {
+            *budget = budget
+                .checked_sub(1)
+                .ok_or(BtfError::Malformed("anonymous members nest too widely"))?;
             let m = pos + 12 + i * 12;
             let m_name = self
                 .u32_at(m)
@@ -182,7 +193,7 @@ impl Btf {
                 let inner = self
                     .resolve(usize::try_from(m_type).map_err(|_| BtfError::Malformed("type id"))?);
                 if let Some(inner) = inner {
-                    if let Some(found) = self.find_member(inner, member, at, depth + 1)? {
+                    if let Some(found) = self.find_member(inner, member, at, depth + 1, budget)? {
                         return Ok(Some(found));
                     }
                 }
@@ -369,6 +380,44 @@ pub(crate) mod tests {
             Btf::parse(b"garbage".to_vec()).and_then(|b| b.member_offset("task_struct", "pid")),
             Err(BtfError::Malformed(_))
         ));
+    }
+
+    /// A struct whose 20 anonymous members are the struct itself, 309 bytes of BTF.
+    #[test]
+    fn self_referencing_anonymous_members_end_quickly() {
+        let strings = b"\0task_struct\0pid\0";
+        let mut types = Vec::new();
+        let mut push = |v: u32| types.extend_from_slice(&v.to_le_bytes());
+        push(0);
+        push(1 << 24);
+        push(4);
+        push(32);
+        push(1);
+        push((KIND_STRUCT << 24) | 20);
+        push(4);
+        for _ in 0..20 {
+            push(0);
+            push(2);
+            push(0);
+        }
+        let mut blob = Vec::new();
+        blob.extend_from_slice(&MAGIC.to_le_bytes());
+        blob.extend_from_slice(&[1, 0]);
+        let (types_len, strings_len) = (
+            u32::try_from(types.len()).unwrap(),
+            u32::try_from(strings.len()).unwrap(),
+        );
+        for v in [24, 0, types_len, types_len, strings_len] {
+            blob.extend_from_slice(&v.to_le_bytes());
+        }
+        blob.extend_from_slice(&types);
+        blob.extend_from_slice(strings);
+        let started = std::time::Instant::now();
+        let got = Btf::parse(blob)
+            .unwrap()
+            .member_offset("task_struct", "pid");
+        assert!(matches!(got, Err(BtfError::Malformed(_))), "{got:?}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(1));
     }
 
     #[test]

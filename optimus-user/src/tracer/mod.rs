@@ -3,21 +3,36 @@
 //!
 //! Reads are raw kernel numbers; keeping VM totals monotonic across thread exits is the
 //! job of [`crate::sampler`].
+//!
+//! The programs' rare error paths (a failed kernel read, a full map) log through aya-log
+//! under the target [`EBPF_LOG_TARGET`]. Only when that target is enabled at debug level
+//! (`--log-level debug`) does the loader switch the programs' log level on and read their
+//! ring buffer ([`Tracer::flush_logs`]); otherwise the programs skip even the log call.
 
+mod batch;
 pub mod btf;
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 
-use aya::maps::{HashMap as BpfHashMap, MapData, MapError, PerCpuArray, PerCpuHashMap};
-use aya::programs::{ProgramError, RawTracePoint};
+use std::os::fd::AsFd as _;
+
+use aya::maps::{
+    Array, HashMap as BpfHashMap, IterableMap as _, MapData, MapError, PerCpuArray, PerCpuHashMap,
+    RingBuf,
+};
+use aya::programs::{BtfTracePoint, ProgramError, RawTracePoint};
 use aya::{Ebpf, EbpfError, EbpfLoader};
 use optimus_common::{
-    BlockIoKey, BlockIoValue, BlockOffsets, RunningSlice, TracerStats, TRACKED_YES,
+    BlockIoKey, BlockIoValue, BlockOffsets, CpuState, TracerStats, PID_MAX_LIMIT,
 };
 
+/// The `log` target of the eBPF programs' own records (set in `optimus-ebpf`).
+pub const EBPF_LOG_TARGET: &str = "optimus::ebpf";
+
 /// The compiled eBPF object, built by `build.rs` from the `optimus-ebpf` crate.
-static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/optimus"));
+pub(crate) static EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/optimus"));
 
 /// How to load the tracer.
 #[derive(Clone, Debug)]
@@ -29,6 +44,9 @@ pub struct TracerOptions {
     /// Also attach an empty program to `sched_switch`: the baseline `cargo xtask bench`
     /// compares the tracer's per-event cost against.
     pub attach_baseline: bool,
+    /// Attach the empty program only: no charging, no block I/O (the floor the bench
+    /// compares the tracer's workload slowdown against).
+    pub baseline_only: bool,
     /// Kernel BTF, normally `/sys/kernel/btf/vmlinux`.
     pub btf_path: PathBuf,
 }
@@ -39,6 +57,7 @@ impl Default for TracerOptions {
             track_all: false,
             block_io: true,
             attach_baseline: false,
+            baseline_only: false,
             btf_path: PathBuf::from("/sys/kernel/btf/vmlinux"),
         }
     }
@@ -51,6 +70,10 @@ pub enum TracerError {
     Btf(#[from] btf::BtfError),
     #[error("loading the eBPF programs failed (run as root, or grant CAP_BPF and CAP_PERFMON)")]
     Load(#[source] EbpfError),
+    #[error("this agent was built with AYA_BUILD_SKIP=1 and holds no eBPF programs: rebuild it without that variable")]
+    NotBuilt,
+    #[error("this kernel's task_struct does not keep tgid right after pid (pid at byte {pid}, tgid at {tgid}); the tracer reads both in one load")]
+    TaskLayout { pid: u32, tgid: u32 },
     #[error("eBPF program {name} is missing from the object")]
     MissingProgram { name: &'static str },
     #[error("eBPF program {name}: {op} failed")]
@@ -108,14 +131,37 @@ impl CpuReading {
 pub struct Tracer {
     // Keeps programs and links alive.
     _ebpf: Ebpf,
-    tracked: BpfHashMap<MapData, u32, u32>,
+    /// Reader of the programs' aya-log ring buffer, at debug level only. It owns the map's
+    /// fd: dropped before the programs load, their load fails (ENGINEERING.md).
+    logs: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+    /// Tracked-process bitmap by tgid (`TRACKED_WORDS` words).
+    tracked: Array<MapData, u64>,
     cpu_ns: PerCpuHashMap<MapData, u32, u64>,
-    running: PerCpuArray<MapData, RunningSlice>,
-    stats: PerCpuArray<MapData, TracerStats>,
+    cpu_state: PerCpuArray<MapData, CpuState>,
+    /// Processes the exec program saw become QEMU (and set tracked) since the last step.
+    execed: BpfHashMap<MapData, u32, u32>,
+    /// The exec program is attached.
+    exec_hook: bool,
+    /// Processes that changed (fork, exit, rename, exec), from the change programs; `None`
+    /// where they could not be attached.
+    events: Option<RingBuf<MapData>>,
+    /// Events lost to a full ring buffer, as of the last drain.
+    lost_events: u64,
+    /// Processes set tracked at exec that discovery has not listed yet, with the steps
+    /// they have waited.
+    pending: HashMap<u32, u8>,
+    /// Processes tracked now: the last set asked for, and the pending ones.
+    tracked_set: HashSet<u32>,
     block_io: PerCpuHashMap<MapData, BlockIoKey, BlockIoValue>,
     vm_cgroups: BpfHashMap<MapData, u64, u32>,
     vm_cgroup_set: HashSet<u64>,
-    tracked_set: HashSet<u32>,
+    /// The bitmap's non-zero words as last written.
+    tracked_words: HashMap<u32, u64>,
+    /// Possible CPUs (the length of every per-CPU value); `None`: unknown, so `CPU_NS` is
+    /// read by iterating.
+    possible_cpus: Option<usize>,
+    /// `CPU_NS` is read in batches (false after the kernel refused one).
+    batch_reads: std::cell::Cell<bool>,
     track_all: bool,
     block_status: BlockIoStatus,
 }
@@ -130,20 +176,42 @@ fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, Trace
     })
 }
 
-fn map_err(name: &'static str, op: &'static str) -> impl FnOnce(MapError) -> TracerError {
+/// Takes map `name` out of the object as a typed handle.
+pub(crate) fn open_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, TracerError>
+where
+    T: TryFrom<aya::maps::Map, Error = MapError>,
+{
+    T::try_from(take_map(ebpf, name)?).map_err(map_err(name, "open"))
+}
+
+pub(crate) fn map_err(
+    name: &'static str,
+    op: &'static str,
+) -> impl FnOnce(MapError) -> TracerError {
     move |source| TracerError::Map { name, op, source }
 }
 
-fn prog_err(name: &'static str, op: &'static str) -> impl FnOnce(ProgramError) -> TracerError {
+pub(crate) fn prog_err(
+    name: &'static str,
+    op: &'static str,
+) -> impl FnOnce(ProgramError) -> TracerError {
     move |source| TracerError::Program { name, op, source }
 }
 
 impl Tracer {
     /// Loads and attaches the programs. Needs root (or CAP_BPF + CAP_PERFMON).
     pub fn load(opts: &TracerOptions) -> Result<Self, TracerError> {
+        if EBPF_OBJECT.is_empty() {
+            return Err(TracerError::NotBuilt);
+        }
         raise_memlock_limit();
         let btf = btf::Btf::load(&opts.btf_path)?;
-        let pid_offset = u64::from(btf.member_offset("task_struct", "pid")?);
+        let pid = btf.member_offset("task_struct", "pid")?;
+        let tgid = btf.member_offset("task_struct", "tgid")?;
+        if tgid != pid + 4 {
+            return Err(TracerError::TaskLayout { pid, tgid });
+        }
+        let pid_offset = u64::from(pid);
         let flags_offset = u64::from(btf.member_offset("task_struct", "flags")?);
         let track_all = u32::from(opts.track_all);
         let block_offsets = if opts.block_io {
@@ -164,58 +232,86 @@ impl Tracer {
         if let Ok((offsets, _)) = &block_offsets {
             loader.override_global("BLOCK_OFFSETS", offsets, true);
         }
+        // Off (0) unless debug records would be shown: then the programs' error paths skip
+        // formatting and the ring buffer write too.
+        let ebpf_debug = log::log_enabled!(target: EBPF_LOG_TARGET, log::Level::Debug);
+        let log_level: u8 = if ebpf_debug {
+            aya_log::Level::Debug.into()
+        } else {
+            0
+        };
+        loader.override_global(aya_log::LEVEL, &log_level, true);
         let mut ebpf = loader.load(EBPF_OBJECT).map_err(TracerError::Load)?;
+        let logs = if ebpf_debug {
+            match aya_log::EbpfLogger::init(&mut ebpf) {
+                Ok(logger) => Some(logger),
+                Err(e) => {
+                    log::warn!("eBPF debug logs unavailable: {e}");
+                    None
+                }
+            }
+        } else {
+            None
+        };
 
-        let prog: &mut RawTracePoint = program(&mut ebpf, "sched_switch")?;
-        prog.load().map_err(prog_err("sched_switch", "load"))?;
-        prog.attach("sched_switch")
-            .map_err(prog_err("sched_switch", "attach"))?;
+        attach_switch(&mut ebpf, opts)?;
 
-        if opts.attach_baseline {
-            let prog: &mut RawTracePoint = program(&mut ebpf, "sched_switch_empty")?;
-            prog.load()
-                .map_err(prog_err("sched_switch_empty", "load"))?;
-            prog.attach("sched_switch")
-                .map_err(prog_err("sched_switch_empty", "attach"))?;
-        }
+        let exec_hook = !opts.track_all && !opts.baseline_only && attach_exec_hook(&mut ebpf);
+        let events = if exec_hook && attach_change_hooks(&mut ebpf) {
+            Some(open_map(&mut ebpf, "EVENTS")?)
+        } else {
+            None
+        };
 
         let block_status = match block_offsets {
-            Ok((_, page_owner)) if opts.block_io => match attach_block(&mut ebpf) {
-                Ok(tracepoint) => BlockIoStatus::Attached {
-                    tracepoint,
-                    page_owner,
-                },
-                Err(why) => BlockIoStatus::Unavailable(why),
-            },
-            Err(why) if opts.block_io => BlockIoStatus::Unavailable(why),
+            Ok((_, page_owner)) if opts.block_io && !opts.baseline_only => {
+                match attach_block(&mut ebpf) {
+                    Ok(tracepoint) => BlockIoStatus::Attached {
+                        tracepoint,
+                        page_owner,
+                    },
+                    Err(why) => BlockIoStatus::Unavailable(why),
+                }
+            }
+            Err(why) if opts.block_io && !opts.baseline_only => BlockIoStatus::Unavailable(why),
             _ => BlockIoStatus::Disabled,
         };
 
-        let tracked = BpfHashMap::try_from(take_map(&mut ebpf, "TRACKED")?)
-            .map_err(map_err("TRACKED", "open"))?;
-        let cpu_ns = PerCpuHashMap::try_from(take_map(&mut ebpf, "CPU_NS")?)
-            .map_err(map_err("CPU_NS", "open"))?;
-        let running = PerCpuArray::try_from(take_map(&mut ebpf, "RUNNING")?)
-            .map_err(map_err("RUNNING", "open"))?;
-        let stats = PerCpuArray::try_from(take_map(&mut ebpf, "STATS")?)
-            .map_err(map_err("STATS", "open"))?;
-        let block_io = PerCpuHashMap::try_from(take_map(&mut ebpf, "BLOCK_IO")?)
-            .map_err(map_err("BLOCK_IO", "open"))?;
-        let vm_cgroups = BpfHashMap::try_from(take_map(&mut ebpf, "VM_CGROUPS")?)
-            .map_err(map_err("VM_CGROUPS", "open"))?;
+        let tracked = open_map(&mut ebpf, "TRACKED")?;
+        let cpu_ns = open_map(&mut ebpf, "CPU_NS")?;
+        let cpu_state = open_map(&mut ebpf, "CPU_STATE")?;
+        let execed = open_map(&mut ebpf, "EXECED")?;
+        let block_io = open_map(&mut ebpf, "BLOCK_IO")?;
+        let vm_cgroups = open_map(&mut ebpf, "VM_CGROUPS")?;
         Ok(Self {
             _ebpf: ebpf,
+            logs,
             tracked,
             cpu_ns,
-            running,
-            stats,
+            cpu_state,
+            execed,
+            exec_hook,
+            events,
+            lost_events: 0,
+            pending: HashMap::new(),
+            tracked_set: HashSet::new(),
             block_io,
             vm_cgroups,
             vm_cgroup_set: HashSet::new(),
-            tracked_set: HashSet::new(),
+            tracked_words: HashMap::new(),
+            possible_cpus: aya::util::nr_cpus().ok(),
+            batch_reads: std::cell::Cell::new(true),
             track_all: opts.track_all,
             block_status,
         })
+    }
+
+    /// Passes the records the programs logged since the last call to the `log` crate
+    /// (target [`EBPF_LOG_TARGET`], debug level); nothing to do unless loaded at debug level.
+    pub fn flush_logs(&mut self) {
+        if let Some(logs) = &mut self.logs {
+            logs.flush();
+        }
     }
 
     /// Whether block I/O is traced.
@@ -228,23 +324,74 @@ impl Tracer {
         self.track_all
     }
 
-    /// Makes the in-kernel filter charge exactly `tids` (ignored in track-everything mode).
-    pub fn set_tracked(&mut self, tids: &HashSet<u32>) -> Result<(), TracerError> {
+    /// Makes the in-kernel filter charge every thread of the processes `tgids` (ignored in
+    /// track-everything mode), and of those that became QEMU since the last call (set
+    /// tracked at exec by the kernel): kept one more call for discovery to list them, then
+    /// dropped unless `tgids` has them. Writes only the bitmap words that change.
+    pub fn set_tracked(&mut self, tgids: &HashSet<u32>) -> Result<(), TracerError> {
         if self.track_all {
             return Ok(());
         }
-        for &tid in tids.difference(&self.tracked_set) {
-            self.tracked
-                .insert(tid, TRACKED_YES, 0)
-                .map_err(map_err("TRACKED", "insert"))?;
+        // One step of grace: an exec after this step's scan is listed by the next one.
+        self.pending
+            .retain(|tgid, waited| !tgids.contains(tgid) && *waited < 1);
+        for waited in self.pending.values_mut() {
+            *waited += 1;
         }
-        let gone: Vec<u32> = self.tracked_set.difference(tids).copied().collect();
-        for tid in gone {
-            // Already absent is fine: the map is ours alone.
-            let _ = self.tracked.remove(&tid);
+        if self.exec_hook {
+            let fresh: Vec<u32> = self.execed.keys().filter_map(Result::ok).collect();
+            for tgid in fresh {
+                // Already gone is fine: the map is emptied by us alone.
+                let _ = self.execed.remove(&tgid);
+                if !tgids.contains(&tgid) {
+                    self.pending.insert(tgid, 0);
+                }
+            }
         }
-        self.tracked_set.clone_from(tids);
+        let mut wanted = tgids.clone();
+        wanted.extend(self.pending.keys().copied());
+        let words = bitmap_words(&wanted);
+        for (&index, &word) in &words {
+            if self.tracked_words.get(&index) != Some(&word) {
+                self.tracked
+                    .set(index, word, 0)
+                    .map_err(map_err("TRACKED", "update"))?;
+            }
+        }
+        for &index in self.tracked_words.keys() {
+            if !words.contains_key(&index) {
+                self.tracked
+                    .set(index, 0, 0)
+                    .map_err(map_err("TRACKED", "update"))?;
+            }
+        }
+        self.tracked_words = words;
+        self.tracked_set = wanted;
         Ok(())
+    }
+
+    /// The processes that changed since the last call (forked, lost or renamed a thread,
+    /// exec'd; or became QEMU), for discovery to re-read; `None` when that is not known
+    /// (the change programs are not attached, or events were lost): rescan everything.
+    pub fn take_changes(&mut self) -> Option<HashSet<u32>> {
+        let events = self.events.as_mut()?;
+        let mut changed = HashSet::new();
+        while let Some(item) = events.next() {
+            if let Ok(bytes) = <[u8; 4]>::try_from(&*item) {
+                changed.insert(u32::from_ne_bytes(bytes));
+            }
+        }
+        let lost = self.stats().map_or(u64::MAX, |s| s.lost_events);
+        if lost != self.lost_events {
+            self.lost_events = lost;
+            return None;
+        }
+        Some(changed)
+    }
+
+    /// The processes whose threads are charged now (after [`Tracer::set_tracked`]).
+    pub fn tracked(&self) -> &HashSet<u32> {
+        &self.tracked_set
     }
 
     /// Makes the block programs record kernel-thread I/O on pages owned by exactly these
@@ -267,25 +414,16 @@ impl Tracer {
     /// Reads every charged thread's per-CPU nanoseconds, plus the slice each CPU's tracked
     /// thread is running right now.
     pub fn read_cpu(&self) -> Result<CpuReading, TracerError> {
-        let mut threads = HashMap::new();
-        for entry in self.cpu_ns.iter() {
-            let (tid, values) = entry.map_err(map_err("CPU_NS", "iterate"))?;
-            threads.insert(tid, values.to_vec());
-        }
+        let mut threads = self.read_cpu_ns()?;
         // Map and counters first, then slots, then the clock: a switch between the reads can only
         // under-count until the next read (which the sampler's monotonic clamp absorbs),
         // never count a slice twice.
-        let mut busy_ns: Vec<u64> = self
-            .stats
+        let states = self
+            .cpu_state
             .get(&0, 0)
-            .map_err(map_err("STATS", "read"))?
-            .iter()
-            .map(|s| s.busy_ns)
-            .collect();
-        let slots = self
-            .running
-            .get(&0, 0)
-            .map_err(map_err("RUNNING", "read"))?;
+            .map_err(map_err("CPU_STATE", "read"))?;
+        let mut busy_ns: Vec<u64> = states.iter().map(|s| s.stats.busy_ns).collect();
+        let slots: Vec<_> = states.iter().map(|s| s.slot).collect();
         let at_ns = monotonic_ns();
         let ncpus = slots.len();
         for (cpu, slot) in slots.iter().enumerate() {
@@ -309,6 +447,27 @@ impl Tracer {
         })
     }
 
+    /// Every thread's per-CPU nanoseconds in `CPU_NS`: in batches of thousands per syscall,
+    /// or, where the kernel has no batch reads, two syscalls per thread.
+    fn read_cpu_ns(&self) -> Result<HashMap<u32, Vec<u64>>, TracerError> {
+        if let (true, Some(ncpus)) = (self.batch_reads.get(), self.possible_cpus) {
+            let fd = self.cpu_ns.map().fd().as_fd();
+            match batch::percpu_u32_u64(fd, ncpus) {
+                Ok(entries) => return Ok(entries.into_iter().collect()),
+                Err(e) => {
+                    log::info!("batch reads of CPU_NS unavailable ({e}); iterating instead");
+                    self.batch_reads.set(false);
+                }
+            }
+        }
+        let mut threads = HashMap::new();
+        for entry in self.cpu_ns.iter() {
+            let (tid, values) = entry.map_err(map_err("CPU_NS", "iterate"))?;
+            threads.insert(tid, values.to_vec());
+        }
+        Ok(threads)
+    }
+
     /// Drops the kernel counters of threads that have exited (after their final read).
     pub fn forget(&mut self, tids: &[u32]) {
         for tid in tids {
@@ -318,15 +477,20 @@ impl Tracer {
 
     /// The programs' own counters, summed over CPUs.
     pub fn stats(&self) -> Result<TracerStats, TracerError> {
-        let per_cpu = self.stats.get(&0, 0).map_err(map_err("STATS", "read"))?;
+        let per_cpu = self
+            .cpu_state
+            .get(&0, 0)
+            .map_err(map_err("CPU_STATE", "read"))?;
         Ok(per_cpu
             .iter()
+            .map(|c| c.stats)
             .fold(TracerStats::default(), |a, s| TracerStats {
                 switches: a.switches + s.switches,
                 charged: a.charged + s.charged,
                 dropped: a.dropped + s.dropped,
                 read_errors: a.read_errors + s.read_errors,
                 busy_ns: a.busy_ns + s.busy_ns,
+                lost_events: a.lost_events + s.lost_events,
             }))
     }
 
@@ -354,7 +518,20 @@ impl Tracer {
     }
 }
 
-fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, TracerError>
+/// The tracked-process bitmap's non-zero words: word `tgid / 64`, bit `tgid % 64`. Ids at or
+/// above `PID_MAX_LIMIT` name no process and are left out.
+fn bitmap_words(tgids: &HashSet<u32>) -> HashMap<u32, u64> {
+    let mut words: HashMap<u32, u64> = HashMap::new();
+    for &tgid in tgids.iter().filter(|&&t| t < PID_MAX_LIMIT) {
+        *words.entry(tgid / 64).or_default() |= 1 << (tgid % 64);
+    }
+    words
+}
+
+pub(crate) fn program<'a, T>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut T, TracerError>
 where
     &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
 {
@@ -364,9 +541,92 @@ where
         .map_err(prog_err(name, "open"))
 }
 
+/// Attaches the sched_switch program (and the empty baseline beside it, or alone, as
+/// `opts` asks): the BTF tracepoint, whose direct loads of `next`'s ids are cheaper, else
+/// the raw tracepoint. The kernel BTF the BTF tracepoint needs is parsed here and dropped
+/// at once.
+fn attach_switch(ebpf: &mut Ebpf, opts: &TracerOptions) -> Result<(), TracerError> {
+    let programs = |real, empty| -> Vec<&'static str> {
+        let mut names = Vec::new();
+        if !opts.baseline_only {
+            names.push(real);
+        }
+        if opts.attach_baseline || opts.baseline_only {
+            names.push(empty);
+        }
+        names
+    };
+    let btf = aya::Btf::parse_file(&opts.btf_path, aya::Endianness::default());
+    let tp_btf = btf.map_err(|e| e.to_string()).and_then(|btf| {
+        for name in programs("sched_switch", "sched_switch_empty") {
+            let prog: &mut BtfTracePoint = program(ebpf, name).map_err(|e| e.to_string())?;
+            prog.load("sched_switch", &btf)
+                .map_err(|e| crate::discovery::error_chain(&e))?;
+            prog.attach()
+                .map_err(|e| crate::discovery::error_chain(&e))?;
+        }
+        Ok(())
+    });
+    let Err(why) = tp_btf else {
+        return Ok(());
+    };
+    log::info!("sched_switch traced as a raw tracepoint (the BTF tracepoint failed: {why})");
+    for name in programs("ss_raw", "ss_raw_empty") {
+        let prog: &mut RawTracePoint = program(ebpf, name)?;
+        prog.load().map_err(prog_err(name, "load"))?;
+        prog.attach("sched_switch")
+            .map_err(prog_err(name, "attach"))?;
+    }
+    Ok(())
+}
+
+/// Attaches the program that tracks a process from the moment it execs QEMU; false (and a
+/// warning) where it cannot, as new VMs are then tracked from the next scan instead.
+fn attach_exec_hook(ebpf: &mut Ebpf) -> bool {
+    let attached = program::<RawTracePoint>(ebpf, "qemu_exec").and_then(|prog| {
+        prog.load().map_err(prog_err("qemu_exec", "load"))?;
+        prog.attach("sched_process_exec")
+            .map_err(prog_err("qemu_exec", "attach"))
+    });
+    match attached {
+        Ok(_) => true,
+        Err(e) => {
+            log::warn!(
+                "new QEMU processes are tracked from the next scan, not from their exec: {}",
+                crate::discovery::error_chain(&e)
+            );
+            false
+        }
+    }
+}
+
+/// Attaches the programs that report process changes (fork, exit, thread rename); false
+/// (and a warning) where one cannot be, as discovery then lists /proc every interval.
+fn attach_change_hooks(ebpf: &mut Ebpf) -> bool {
+    let hooks = [
+        ("task_fork", "sched_process_fork"),
+        ("task_exit", "sched_process_exit"),
+        ("task_rename", "task_rename"),
+    ];
+    for (name, tracepoint) in hooks {
+        let attached = program::<RawTracePoint>(ebpf, name).and_then(|prog| {
+            prog.load().map_err(prog_err(name, "load"))?;
+            prog.attach(tracepoint).map_err(prog_err(name, "attach"))
+        });
+        if let Err(e) = attached {
+            log::warn!(
+                "discovery lists /proc every interval (no process change events): {}",
+                crate::discovery::error_chain(&e)
+            );
+            return false;
+        }
+    }
+    true
+}
+
 /// The kernel struct offsets the block programs need, from BTF, and whether the optional
 /// page-owner part resolved (kernels without memory cgroups have no `page::memcg_data`).
-fn block_offsets(btf: &btf::Btf) -> Result<(BlockOffsets, Result<(), String>), String> {
+pub(crate) fn block_offsets(btf: &btf::Btf) -> Result<(BlockOffsets, Result<(), String>), String> {
     let off = |strukt: &'static str, member: &'static str| {
         btf.member_offset(strukt, member)
             .map_err(|e| format!("{e}: block I/O tracing reads the block structs of recent kernels (tested on Linux 6.18)"))
@@ -447,7 +707,7 @@ pub fn monotonic_ns() -> u64 {
 }
 
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; newer ones ignore it.
-fn raise_memlock_limit() {
+pub(crate) fn raise_memlock_limit() {
     let rlim = libc::rlimit {
         rlim_cur: libc::RLIM_INFINITY,
         rlim_max: libc::RLIM_INFINITY,
@@ -489,6 +749,25 @@ mod tests {
         assert_eq!(o.rq_q, 0);
         assert_eq!(o.page_compound_head, 8);
         assert!(o.bio_size > o.bio_bdev && o.rq_bio > o.rq_data_len);
+    }
+
+    #[test]
+    fn bitmap_words_set_one_bit_per_process() {
+        let words = bitmap_words(&HashSet::from([
+            0,
+            1,
+            63,
+            64,
+            130,
+            PID_MAX_LIMIT - 1,
+            PID_MAX_LIMIT,
+        ]));
+        assert_eq!(words.len(), 4);
+        assert_eq!(words[&0], 1 | 2 | 1 << 63);
+        assert_eq!(words[&1], 1);
+        assert_eq!(words[&2], 1 << 2);
+        assert_eq!(words[&(PID_MAX_LIMIT / 64 - 1)], 1 << 63);
+        assert!(bitmap_words(&HashSet::new()).is_empty());
     }
 
     #[test]

@@ -59,7 +59,8 @@ impl Libvirtd {
     /// Reuses a running libvirtd if `virsh -c qemu:///system version` works. Otherwise
     /// prepares the host (`/var/log/libvirt`, `/run/libvirt`, the `kvm` and
     /// `libvirt-qemu` groups and `libvirt-qemu` user, and in `/etc/libvirt/qemu.conf`
-    /// `user`/`group = "root"` and `security_driver = "none"` in a marked block), starts
+    /// `user`/`group = "root"` and `security_driver = "none"` in a marked block, and in
+    /// `/etc/libvirt/libvirtd.conf` `auth_unix_ro = "none"` for non-root read-only clients), starts
     /// `virtlogd` (unless its socket answers) and `libvirtd` as child processes, and waits
     /// up to 30 s for libvirtd to answer; the error then carries its log tail.
     pub fn start() -> anyhow::Result<Libvirtd> {
@@ -173,28 +174,7 @@ fn start_daemons() -> anyhow::Result<Owned> {
     };
     let log = logs.path().join("libvirtd.log");
     let mut libvirtd = spawn_logged("libvirtd", &log)?;
-    let mut last_err = String::new();
-    wait_until(START_TIMEOUT, || {
-        if let Some(status) = libvirtd.try_wait()? {
-            bail!(
-                "libvirtd exited ({status}); log tail:\n{}",
-                file_tail(&log, 30)
-            );
-        }
-        match virsh_version(URI) {
-            Ok(_) => Ok(true),
-            Err(e) => {
-                last_err = format!("{e:#}");
-                Ok(false)
-            }
-        }
-    })
-    .with_context(|| {
-        format!(
-            "libvirtd did not answer on {URI} (last virsh error: {last_err}); log tail:\n{}",
-            file_tail(&log, 30)
-        )
-    })?;
+    wait_answers(&mut libvirtd, URI, &log)?;
     let mut state = format!("libvirtd={}\n", libvirtd.pid());
     if let Some(v) = &virtlogd {
         state.push_str(&format!("virtlogd={}\n", v.pid()));
@@ -204,6 +184,33 @@ fn start_daemons() -> anyhow::Result<Owned> {
         libvirtd,
         virtlogd,
         _logs: logs,
+    })
+}
+
+/// Waits up to 30 s until the libvirtd in `child` answers on `uri`; fails at once if it
+/// exits, and either way quotes the tail of its `log`.
+pub(super) fn wait_answers(child: &mut ChildGuard, uri: &str, log: &Path) -> anyhow::Result<()> {
+    let mut last_err = String::new();
+    wait_until(START_TIMEOUT, || {
+        if let Some(status) = child.try_wait()? {
+            bail!(
+                "libvirtd exited ({status}); log tail:\n{}",
+                file_tail(log, 30)
+            );
+        }
+        match virsh_version(uri) {
+            Ok(_) => Ok(true),
+            Err(e) => {
+                last_err = format!("{e:#}");
+                Ok(false)
+            }
+        }
+    })
+    .with_context(|| {
+        format!(
+            "libvirtd did not answer on {uri} (last virsh error: {last_err}); log tail:\n{}",
+            file_tail(log, 30)
+        )
     })
 }
 
@@ -253,11 +260,15 @@ fn running_domains(uri: &str) -> Vec<String> {
 }
 
 fn spawn_logged(program: &str, log: &Path) -> anyhow::Result<ChildGuard> {
+    spawn_logged_cmd(Command::new(program), log)
+}
+
+/// Spawns a daemon in the foreground with stdout and stderr to `log`.
+pub(super) fn spawn_logged_cmd(mut cmd: Command, log: &Path) -> anyhow::Result<ChildGuard> {
     let out = File::create(log).with_context(|| format!("create {}", log.display()))?;
     let err = out
         .try_clone()
         .with_context(|| format!("dup {}", log.display()))?;
-    let mut cmd = Command::new(program);
     // Own process group: a terminal Ctrl-C meant for the test or demo must not kill the
     // daemons before the guards have destroyed their domains.
     cmd.stdin(Stdio::null())
@@ -278,6 +289,13 @@ fn prepare_host() -> anyhow::Result<()> {
     ] {
         std::fs::create_dir_all(dir).with_context(|| format!("create {dir}"))?;
     }
+    ensure_qemu_user()?;
+    patch_file(QEMU_CONF, &QEMU_CONF_BLOCK)?;
+    patch_file(LIBVIRTD_CONF, &LIBVIRTD_CONF_BLOCK)
+}
+
+/// The `kvm` and `libvirt-qemu` groups and the `libvirt-qemu` user, created if missing.
+pub(super) fn ensure_qemu_user() -> anyhow::Result<()> {
     let getent = |db: &str, key: &str| {
         Command::new("getent")
             .args([db, key])
@@ -316,28 +334,61 @@ fn prepare_host() -> anyhow::Result<()> {
         )
         .context("create user libvirt-qemu")?;
     }
-    let path = Path::new(QEMU_CONF);
+    Ok(())
+}
+
+/// Writes `block` into the config file at `path` (created if missing) unless it is there.
+pub(super) fn patch_file(path: &str, block: &ConfBlock<'_>) -> anyhow::Result<()> {
     let existing = match std::fs::read_to_string(path) {
         Ok(text) => text,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-        Err(e) => return Err(e).with_context(|| format!("read {QEMU_CONF}")),
+        Err(e) => return Err(e).with_context(|| format!("read {path}")),
     };
-    let patched = patch_qemu_conf(&existing);
+    let patched = patch_conf(&existing, block);
     if patched != existing {
-        std::fs::write(path, patched).with_context(|| format!("write {QEMU_CONF}"))?;
+        std::fs::write(path, patched).with_context(|| format!("write {path}"))?;
     }
     Ok(())
 }
 
+/// Settings the harness owns in one libvirt config file.
+pub(super) struct ConfBlock<'a> {
+    /// Keys whose other active settings are commented out.
+    pub(super) keys: &'a [&'a str],
+    /// Comment lines (each starting `# `) and `key = value` lines.
+    pub(super) body: &'a str,
+}
+
+pub(super) const QEMU_CONF_BLOCK: ConfBlock<'static> = ConfBlock {
+    keys: &["user", "group", "security_driver"],
+    body: "# Added by optimus-tests (tests/src/libvirt/daemon.rs, Libvirtd::start) so libvirtd\n\
+           # runs QEMU on a host without AppArmor or systemd set up for it: QEMU as root, no\n\
+           # security driver. Lines marked #optimus-tests# were disabled by it. Safe to remove.\n\
+           user = \"root\"\ngroup = \"root\"\nsecurity_driver = \"none\"\n",
+};
+
+/// Debian's libvirt asks polkit before it lets a non-root user use even the read-only
+/// socket, and polkit needs the D-Bus system bus, which this machine does not run. What the
+/// packaged polkit policy grants (any local user may monitor) is what `none` grants: the
+/// non-root agent tests connect read-only, as the agent always does.
+pub(super) const LIBVIRTD_CONF_BLOCK: ConfBlock<'static> = ConfBlock {
+    keys: &["auth_unix_ro"],
+    body: "# Added by optimus-tests (tests/src/libvirt/daemon.rs, Libvirtd::start): without\n\
+           # D-Bus and polkit, a non-root read-only client (the Optimus agent as its own user)\n\
+           # is refused; libvirt's polkit policy would let any local user monitor. Safe to remove.\n\
+           auth_unix_ro = \"none\"\n",
+};
+
+const LIBVIRTD_CONF: &str = "/etc/libvirt/libvirtd.conf";
+
 const CONF_BEGIN: &str = "# BEGIN optimus-tests";
 const CONF_END: &str = "# END optimus-tests";
 const CONF_DISABLED: &str = "#optimus-tests# ";
-const CONF_KEYS: [&str; 3] = ["user", "group", "security_driver"];
 
-/// `qemu.conf` with our settings in one marked block at the end and any other active
-/// setting of the same keys commented out (marked, so a person can see why).
-/// Idempotent: patching twice changes nothing.
-fn patch_qemu_conf(existing: &str) -> String {
+/// `existing` with `block` in one marked block at the end and any other active setting of
+/// its keys commented out (marked, so a person can see why). Idempotent: patching twice
+/// changes nothing.
+fn patch_conf(existing: &str, block: &ConfBlock<'_>) -> String {
     let mut out = String::with_capacity(existing.len() + 512);
     let mut in_block = false;
     for line in existing.lines() {
@@ -353,19 +404,15 @@ fn patch_qemu_conf(existing: &str) -> String {
             continue;
         }
         let key = trimmed.split('=').next().unwrap_or_default().trim();
-        if !trimmed.starts_with('#') && trimmed.contains('=') && CONF_KEYS.contains(&key) {
+        if !trimmed.starts_with('#') && trimmed.contains('=') && block.keys.contains(&key) {
             out.push_str(CONF_DISABLED);
         }
         out.push_str(line);
         out.push('\n');
     }
     out.push_str(CONF_BEGIN);
-    out.push_str(
-        "\n# Added by optimus-tests (tests/src/libvirt/daemon.rs, Libvirtd::start) so libvirtd\n\
-         # runs QEMU on a host without AppArmor or systemd set up for it: QEMU as root, no\n\
-         # security driver. Lines marked #optimus-tests# were disabled by it. Safe to remove.\n\
-         user = \"root\"\ngroup = \"root\"\nsecurity_driver = \"none\"\n",
-    );
+    out.push('\n');
+    out.push_str(block.body);
     out.push_str(CONF_END);
     out.push('\n');
     out
@@ -378,8 +425,8 @@ mod tests {
     #[test]
     fn qemu_conf_patch_is_idempotent() {
         let original = "# user = \"qemu\"\nuser = \"libvirt-qemu\"\nvnc_listen = \"0.0.0.0\"\nsecurity_driver=\"apparmor\"\n";
-        let once = patch_qemu_conf(original);
-        assert_eq!(patch_qemu_conf(&once), once);
+        let once = patch_conf(original, &QEMU_CONF_BLOCK);
+        assert_eq!(patch_conf(&once, &QEMU_CONF_BLOCK), once);
         assert!(once.contains("#optimus-tests# user = \"libvirt-qemu\""));
         assert!(once.contains("#optimus-tests# security_driver=\"apparmor\""));
         assert!(once.starts_with("# user = \"qemu\"\n"));
@@ -388,7 +435,10 @@ mod tests {
             "user = \"root\"\ngroup = \"root\"\nsecurity_driver = \"none\"\n# END optimus-tests\n"
         ));
         assert_eq!(once.matches(CONF_BEGIN).count(), 1);
-        let empty = patch_qemu_conf("");
-        assert_eq!(patch_qemu_conf(&empty), empty);
+        let empty = patch_conf("", &QEMU_CONF_BLOCK);
+        assert_eq!(patch_conf(&empty, &QEMU_CONF_BLOCK), empty);
+        let ro = patch_conf("auth_unix_ro = \"polkit\"\n", &LIBVIRTD_CONF_BLOCK);
+        assert!(ro.starts_with("#optimus-tests# auth_unix_ro = \"polkit\"\n"));
+        assert!(ro.ends_with("auth_unix_ro = \"none\"\n# END optimus-tests\n"));
     }
 }

@@ -45,6 +45,20 @@ impl DiskCache {
     }
 }
 
+/// More of a domain than [`Domain::create`] gives it.
+#[derive(Debug, Clone, Default)]
+pub struct DomainExtras {
+    /// Memory, MiB (default 256; an agent image needs 768).
+    pub memory_mib: Option<u32>,
+    /// The kernel command line instead of the plan's (e.g. `guest::agent_cmdline`).
+    pub cmdline: Option<String>,
+    /// Give it the guest channel: `<channel type='unix'>` with target
+    /// `org.optimus.agent.0`, its socket in the domain's temp dir.
+    pub channel: bool,
+    /// XML put inside `<metadata>` (e.g. Optimus' `<optimus:guest>` GPU declarations).
+    pub metadata: Option<String>,
+}
+
 /// A transient libvirt domain running the test guest; `virsh destroy`ed (undefined if it
 /// turned persistent) on drop, and its QEMU killed if libvirt cannot do it.
 #[derive(Debug)]
@@ -54,6 +68,7 @@ pub struct Domain {
     uuid: String,
     qemu_pid: Option<u32>,
     console_log: PathBuf,
+    channel: Option<PathBuf>,
     destroyed: bool,
     _dir: TempDir,
 }
@@ -72,6 +87,27 @@ impl Domain {
         vcpus: u32,
         disk: Option<Disk<'_>>,
     ) -> anyhow::Result<Domain> {
+        Self::create_with(
+            libvirtd,
+            name,
+            image,
+            plan,
+            vcpus,
+            disk,
+            &DomainExtras::default(),
+        )
+    }
+
+    /// [`Domain::create`] with [`DomainExtras`].
+    pub fn create_with(
+        libvirtd: &Libvirtd,
+        name: &str,
+        image: &GuestImage,
+        plan: &GuestPlan,
+        vcpus: u32,
+        disk: Option<Disk<'_>>,
+        extras: &DomainExtras,
+    ) -> anyhow::Result<Domain> {
         let uuid = new_uuid()?;
         let dir = tempfile::Builder::new()
             .prefix("optimus-domain-")
@@ -81,16 +117,24 @@ impl Domain {
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
             .with_context(|| format!("chmod {}", dir.path().display()))?;
         let console_log = dir.path().join("console.log");
+        let channel = extras.channel.then(|| dir.path().join("agent.sock"));
         let emulator = find_tool("qemu-system-x86_64");
+        let cmdline = extras
+            .cmdline
+            .clone()
+            .unwrap_or_else(|| plan.kernel_cmdline());
         let xml = domain_xml(&DomainSpec {
             name,
             uuid: &uuid,
             vcpus,
             image,
-            cmdline: &plan.kernel_cmdline(),
+            cmdline: &cmdline,
             console_log: &console_log,
             disk,
             emulator: emulator.as_deref(),
+            memory_mib: extras.memory_mib.unwrap_or(256),
+            channel: channel.as_deref(),
+            metadata: extras.metadata.as_deref(),
         });
         let xml_path = dir.path().join("domain.xml");
         std::fs::write(&xml_path, &xml).with_context(|| format!("write {}", xml_path.display()))?;
@@ -102,6 +146,7 @@ impl Domain {
             uuid,
             qemu_pid: None,
             console_log,
+            channel,
             destroyed: false,
             _dir: dir,
         };
@@ -129,6 +174,11 @@ impl Domain {
     /// The serial console log file.
     pub fn console_log(&self) -> &Path {
         &self.console_log
+    }
+
+    /// The guest channel's socket (QEMU listens on it), when the domain has one.
+    pub fn channel_socket(&self) -> Option<&Path> {
+        self.channel.as_deref()
     }
 
     /// Pid of the QEMU process whose command line has `-uuid <uuid>` (searched in `/proc`).
@@ -197,7 +247,11 @@ impl Domain {
             Ok(false) => {
                 // Already gone (e.g. the guest powered off) is not a problem.
                 if let Some(err) = &virsh_err {
-                    if !err.contains("not found") && !err.contains("not running") {
+                    // Gone (migrated away, say): "failed to get domain" / "not found".
+                    if !err.contains("not found")
+                        && !err.contains("not running")
+                        && !err.contains("failed to get domain")
+                    {
                         problems.push(format!("virsh destroy: {err}"));
                     }
                 }
@@ -249,6 +303,9 @@ struct DomainSpec<'a> {
     console_log: &'a Path,
     disk: Option<Disk<'a>>,
     emulator: Option<&'a Path>,
+    memory_mib: u32,
+    channel: Option<&'a Path>,
+    metadata: Option<&'a str>,
 }
 
 fn domain_xml(spec: &DomainSpec<'_>) -> String {
@@ -269,15 +326,29 @@ fn domain_xml(spec: &DomainSpec<'_>) -> String {
             )
         })
         .unwrap_or_default();
+    let channel = spec
+        .channel
+        .map(|p| {
+            format!(
+                "    <channel type='unix'>\n      <source mode='bind' path='{}'/>\n      \
+                 <target type='virtio' name='org.optimus.agent.0'/>\n    </channel>\n",
+                path(p)
+            )
+        })
+        .unwrap_or_default();
+    let metadata = spec
+        .metadata
+        .map(|m| format!("  <metadata>\n{m}\n  </metadata>\n"))
+        .unwrap_or_default();
     format!(
-        "<domain type='qemu'>\n  <name>{name}</name>\n  <uuid>{uuid}</uuid>\n  \
-         <memory unit='MiB'>256</memory>\n  <vcpu placement='static'>{vcpus}</vcpu>\n  \
+        "<domain type='qemu'>\n  <name>{name}</name>\n  <uuid>{uuid}</uuid>\n{metadata}  \
+         <memory unit='MiB'>{memory}</memory>\n  <vcpu placement='static'>{vcpus}</vcpu>\n  \
          <os>\n    <type arch='x86_64' machine='pc'>hvm</type>\n    \
          <kernel>{kernel}</kernel>\n    <initrd>{initrd}</initrd>\n    \
          <cmdline>{cmdline}</cmdline>\n  </os>\n  <features><acpi/></features>\n  \
          <clock offset='utc'/>\n  <on_poweroff>destroy</on_poweroff>\n  \
          <on_reboot>destroy</on_reboot>\n  <on_crash>destroy</on_crash>\n  <devices>\n\
-         {emulator}{disk}    <serial type='file'>\n      <source path='{console}'/>\n      \
+         {emulator}{disk}{channel}    <serial type='file'>\n      <source path='{console}'/>\n      \
          <target port='0'/>\n    </serial>\n    <memballoon model='none'/>\n  </devices>\n\
          </domain>\n",
         name = xml_escape(spec.name),
@@ -287,6 +358,7 @@ fn domain_xml(spec: &DomainSpec<'_>) -> String {
         initrd = path(&spec.image.initrd),
         cmdline = xml_escape(spec.cmdline),
         console = path(spec.console_log),
+        memory = spec.memory_mib,
     )
 }
 
@@ -307,7 +379,7 @@ pub fn xml_escape(text: &str) -> String {
 }
 
 /// A random (version 4) UUID from the kernel.
-fn new_uuid() -> anyhow::Result<String> {
+pub(super) fn new_uuid() -> anyhow::Result<String> {
     let path = "/proc/sys/kernel/random/uuid";
     let uuid = std::fs::read_to_string(path).with_context(|| format!("read {path}"))?;
     Ok(uuid.trim().to_owned())
@@ -339,6 +411,9 @@ mod tests {
                 cache: DiskCache::Direct,
             }),
             emulator: None,
+            memory_mib: 256,
+            channel: None,
+            metadata: None,
         });
         assert!(xml.contains("<name>optimus test &quot;ü&quot; &lt;&amp;&gt;</name>"));
         assert!(xml.contains("<kernel>/c/k&amp;&lt;</kernel>"));
@@ -364,6 +439,9 @@ mod tests {
                 console_log: Path::new("/t/c.log"),
                 disk,
                 emulator: None,
+                memory_mib: 256,
+                channel: None,
+                metadata: None,
             })
         };
         let cached = xml(Some(Disk {

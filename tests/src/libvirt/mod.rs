@@ -1,8 +1,10 @@
-//! libvirtd (reused if running, else started by hand the ENGINEERING.md way) and transient
-//! TCG domains running the test guest.
+//! libvirtd (reused if running, else started by hand the ENGINEERING.md way), a second
+//! libvirtd in its own mount namespace playing another host, and transient TCG domains
+//! running the test guest.
 
 mod daemon;
 mod domain;
+mod second;
 
 use std::process::Command;
 use std::thread;
@@ -11,7 +13,8 @@ use std::time::{Duration, Instant};
 use anyhow::bail;
 
 pub use daemon::Libvirtd;
-pub use domain::{xml_escape, Disk, DiskCache, Domain};
+pub use domain::{xml_escape, Disk, DiskCache, Domain, DomainExtras};
+pub use second::SecondLibvirtd;
 
 use crate::proc::run_ok;
 

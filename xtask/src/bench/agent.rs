@@ -21,6 +21,8 @@ pub struct Mode {
     pub track_all: bool,
     /// `--bench-baseline`: also attach the empty sched_switch program.
     pub baseline: bool,
+    /// `--bench-baseline-only`: attach the empty sched_switch program and nothing else.
+    pub baseline_only: bool,
 }
 
 pub struct Agent {
@@ -65,6 +67,9 @@ impl Agent {
         if mode.baseline {
             cmd.arg("--bench-baseline");
         }
+        if mode.baseline_only {
+            cmd.arg("--bench-baseline-only");
+        }
         // SAFETY: the closure runs between fork and exec and only calls prctl, which is
         // async-signal-safe and touches no memory of the parent.
         unsafe {
@@ -103,7 +108,7 @@ impl Agent {
             }
             match scrape(&self.addr) {
                 Ok(s) if s.status == 200 => {
-                    let seen = simulated_vcpus(&s.body);
+                    let seen = s.text().map_or(0, simulated_vcpus);
                     if seen >= vcpus {
                         return Ok(seen);
                     }
@@ -189,36 +194,68 @@ pub fn memory(pid: u32) -> Result<Memory> {
 pub struct Scrape {
     pub status: u16,
     pub took: Duration,
-    pub body: String,
+    /// The body as sent (gzip-compressed when [`Scrape::gzip`]).
+    pub body: Vec<u8>,
+    /// The server answered `Content-Encoding: gzip`.
+    pub gzip: bool,
+}
+
+impl Scrape {
+    /// The body as text (`None` when compressed or not UTF-8).
+    pub fn text(&self) -> Option<&str> {
+        (!self.gzip).then(|| std::str::from_utf8(&self.body).ok())?
+    }
 }
 
 /// GET /metrics over HTTP/1.0 (the server closes the connection after the body).
 pub fn scrape(addr: &str) -> Result<Scrape> {
+    get_metrics(addr, false)
+}
+
+/// GET /metrics over HTTP/1.0, asking for gzip as Prometheus does
+/// (`Accept-Encoding: gzip`) when `gzip`.
+pub fn get_metrics(addr: &str, gzip: bool) -> Result<Scrape> {
     let start = Instant::now();
     let mut stream = TcpStream::connect(addr).with_context(|| format!("connecting to {addr}"))?;
     stream
         .set_read_timeout(Some(SCRAPE_TIMEOUT))
         .context("setting a read timeout")?;
-    write!(stream, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n")
-        .with_context(|| format!("sending GET /metrics to {addr}"))?;
+    let accept = if gzip {
+        "Accept-Encoding: gzip\r\n"
+    } else {
+        ""
+    };
+    write!(
+        stream,
+        "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n{accept}\r\n"
+    )
+    .with_context(|| format!("sending GET /metrics to {addr}"))?;
     let mut raw = Vec::new();
     stream
         .read_to_end(&mut raw)
         .with_context(|| format!("reading the /metrics response from {addr}"))?;
     let took = start.elapsed();
-    let text = String::from_utf8(raw).context("the /metrics response is not UTF-8")?;
-    let (head, body) = text
-        .split_once("\r\n\r\n")
+    let end = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
         .context("the /metrics response has no end of headers")?;
+    let head = String::from_utf8_lossy(&raw[..end]).into_owned();
+    let body = raw.split_off(end + 4);
     let status = head
         .split_whitespace()
         .nth(1)
         .and_then(|s| s.parse().ok())
         .with_context(|| format!("bad status line in {:?}", head.lines().next()))?;
+    let gzip = head.lines().any(|l| {
+        l.split_once(':').is_some_and(|(k, v)| {
+            k.trim().eq_ignore_ascii_case("content-encoding") && v.trim() == "gzip"
+        })
+    });
     Ok(Scrape {
         status,
         took,
-        body: body.to_owned(),
+        body,
+        gzip,
     })
 }
 

@@ -1,6 +1,7 @@
 //! Simulated VMs: processes the agent takes for QEMU. A small C program, compiled here as
 //! `qemu-system-x86_64`, takes QEMU's `-name guest=NAME,debug-threads=on -uuid UUID -smp N`,
-//! starts N threads named `CPU k/KVM` that sleep, and runs no guest. The agent's discovery
+//! starts N threads named `CPU k/KVM` that wake every `wake` (an idle guest's timer ticks)
+//! and do nothing else, and runs no guest. The agent's discovery
 //! (argv[0] basename, `-name`, `-uuid`, thread names) cannot tell it from a KVM QEMU, so
 //! its tracking map, /proc scans and /metrics grow as with real VMs, while the CPUs stay
 //! free for the measurements.
@@ -8,6 +9,7 @@ use std::io::{BufRead as _, BufReader};
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::time::Duration;
 
 use anyhow::{bail, Context as _, Result};
 
@@ -73,16 +75,19 @@ fn compile(dir: &Path, file: &str, source: &str, exe: &str) -> Result<PathBuf> {
 pub struct Fleet {
     qemu: PathBuf,
     vcpus_per_vm: u32,
+    /// How often each vCPU thread wakes (zero: never).
+    wake: Duration,
     children: Vec<Child>,
     /// The group every VM joins: the first VM's pid.
     pgid: Option<u32>,
 }
 
 impl Fleet {
-    pub fn new(fake_qemu: &Path, vcpus_per_vm: u32) -> Self {
+    pub fn new(fake_qemu: &Path, vcpus_per_vm: u32, wake: Duration) -> Self {
         Self {
             qemu: fake_qemu.to_path_buf(),
             vcpus_per_vm,
+            wake,
             children: Vec::new(),
             pgid: None,
         }
@@ -124,6 +129,7 @@ impl Fleet {
                 "-smp",
                 &self.vcpus_per_vm.to_string(),
             ])
+            .env("FAKE_QEMU_WAKE_MS", self.wake.as_millis().to_string())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())

@@ -11,7 +11,7 @@ use super::bpf::{self, Cost, StatsEnabled};
 use super::fleet::{Fleet, Helpers};
 use super::host::{self, Environment, Top};
 use super::report::limits;
-use super::stats::Spread;
+use super::stats::{self, Estimate, Spread};
 use super::workload;
 use super::{pause, step, Plan};
 
@@ -21,9 +21,16 @@ pub struct Results {
     pub plan: Plan,
     pub environment: Environment,
     pub per_event: Vec<PerEvent>,
+    /// Ping-pong: agent off, agent on, only the empty program attached.
+    pub pingpong: Option<PingPong>,
+    /// The CPU-bound workload, agent off and on.
     pub slowdown: Vec<Slowdown>,
-    pub steady: Vec<Steady>,
+    /// One agent's life beside a fleet growing from 0 to the largest level: its CPU at
+    /// each level, its whole-life peak memory, its scrapes at the largest.
+    pub life: Option<Life>,
     pub profiles: Vec<Profile>,
+    /// `optimus measure` (`None`: it failed; the run's output says why).
+    pub measure: Option<super::command::MeasureBench>,
 }
 
 impl Results {
@@ -32,9 +39,11 @@ impl Results {
             plan,
             environment,
             per_event: Vec::new(),
+            pingpong: None,
             slowdown: Vec::new(),
-            steady: Vec::new(),
+            life: None,
             profiles: Vec::new(),
+            measure: None,
         }
     }
 }
@@ -56,9 +65,10 @@ impl PerEvent {
     pub fn pair(&self) -> (Option<&Cost>, Option<&Cost>) {
         let find = |f: &dyn Fn(&str) -> bool| self.costs.iter().find(|c| f(&c.info.name));
         (
-            find(&|n| n == "sched_switch"),
+            // The BTF tracepoint, or the raw tracepoint the agent falls back to.
+            find(&|n| n == "sched_switch" || n == "ss_raw"),
             // The kernel cuts object names to 15 bytes: "sched_switch_em".
-            find(&|n| n.starts_with("sched_switch_e")),
+            find(&|n| n.starts_with("sched_switch_e") || n == "ss_raw_empty"),
         )
     }
 }
@@ -76,11 +86,32 @@ pub struct Slowdown {
     pub on_s: Vec<f64>,
     /// on/off of each pair.
     pub ratio: Spread,
-    /// Runs with the agent started but its process stopped (SIGSTOP): its eBPF programs
-    /// still run, its userspace does not. Ping-pong only.
-    pub stopped_s: Option<Vec<f64>>,
-    /// stopped/off of each pair.
-    pub stopped_ratio: Option<Spread>,
+}
+
+/// The ping-pong in three arms, interleaved: agent off, agent on (default mode), and only
+/// the empty `sched_switch` program attached (the floor any attached program costs).
+#[derive(Serialize)]
+pub struct PingPong {
+    pub loops: u64,
+    /// Wall seconds per run; entry `i` of the three lists ran in the same round.
+    pub off_s: Vec<f64>,
+    pub on_s: Vec<f64>,
+    pub empty_s: Vec<f64>,
+    /// median(on/off) − 1 over the triples, with its bootstrap 95 % interval.
+    pub agent_slowdown: Estimate,
+    /// median(empty/off) − 1.
+    pub empty_slowdown: Estimate,
+    /// agent_slowdown / empty_slowdown, from the same resamples.
+    pub ratio: Estimate,
+}
+
+impl PingPong {
+    /// Both slowdowns known to within ±[`limits::PINGPONG_HALF_WIDTH`].
+    pub fn stable(&self) -> bool {
+        [self.agent_slowdown, self.empty_slowdown]
+            .iter()
+            .all(|e| e.half_width() <= limits::PINGPONG_HALF_WIDTH)
+    }
 }
 
 /// The agent at steady state beside one fleet.
@@ -91,11 +122,33 @@ pub struct Steady {
     pub window_s: f64,
     /// CPU seconds per wall second, all the agent's threads.
     pub cpu_per_s: f64,
-    /// Right after it first listed every vCPU.
-    pub memory_ready: Memory,
-    /// After the window and the scrapes.
+    /// After the window.
     pub memory: Memory,
+}
+
+/// One agent from 0 VMs to the largest fleet.
+#[derive(Serialize)]
+pub struct Life {
+    /// Steady state at each fleet size, smallest first.
+    pub steady: Vec<Steady>,
+    /// When it first answered, with no VMs.
+    pub memory_ready: Memory,
+    /// At the end: `peak` is the whole life's.
+    pub memory: Memory,
+    /// GET /metrics at the largest fleet, plain and with `Accept-Encoding: gzip`.
     pub scrape: ScrapeStats,
+    pub scrape_gzip: ScrapeStats,
+}
+
+impl Life {
+    /// CPU growth per 100 VMs between the two largest levels (fraction of one CPU).
+    pub fn slope_per_100(&self) -> Option<f64> {
+        let n = self.steady.len();
+        let (a, b) = (self.steady.get(n.checked_sub(2)?)?, self.steady.get(n - 1)?);
+        #[expect(clippy::cast_precision_loss, reason = "VM counts are small")]
+        let dv = (b.vms as f64 - a.vms as f64) / 100.0;
+        (dv > 0.0).then(|| (b.cpu_per_s - a.cpu_per_s) / dv)
+    }
 }
 
 #[derive(Serialize)]
@@ -167,10 +220,11 @@ impl Ctx<'_> {
         step("sizing the workloads (agent off)");
         let loops = workload::calibrate(100_000, self.plan.run, workload::pingpong)?;
         let spin = |n| workload::spin(&self.helpers.spin, n);
-        let rounds = workload::calibrate(200_000_000, self.plan.run, spin)?;
+        let rounds = workload::calibrate(200_000_000, self.plan.spin_run, spin)?;
         step(&format!(
-            "  ping-pong: {loops} loops, CPU-bound: {rounds} rounds (about {:.1} s each)",
-            self.plan.run.as_secs_f64()
+            "  ping-pong: {loops} loops (about {:.1} s), CPU-bound: {rounds} rounds (about {:.1} s)",
+            self.plan.run.as_secs_f64(),
+            self.plan.spin_run.as_secs_f64()
         ));
         Ok((loops, rounds))
     }
@@ -191,6 +245,7 @@ impl Ctx<'_> {
             Mode {
                 track_all,
                 baseline: true,
+                baseline_only: false,
             },
         )?;
         let storm = self.storm_loops()?;
@@ -234,129 +289,162 @@ impl Ctx<'_> {
         workload::calibrate(50_000, self.plan.storm, workload::pingpong)
     }
 
-    /// Both workloads, agent off and on in alternating order (off-on, on-off, ...); in each
-    /// "on" arm the ping-pong also runs once more with the agent's process stopped, which
-    /// leaves only its eBPF programs at work.
-    pub fn slowdown(&self, fleet: &Fleet, loops: u64, rounds: u64) -> Result<Vec<Slowdown>> {
+    /// The ping-pong in three arms (agent off, agent on, only the empty program), and the
+    /// CPU-bound workload off and on, in rounds whose arm order rotates; each arm runs
+    /// `plan.runs_per_arm` ping-pongs back to back. The empty arm's agent is stopped
+    /// (SIGSTOP) once ready, so only the empty program works.
+    pub fn slowdown(
+        &self,
+        fleet: &Fleet,
+        loops: u64,
+        rounds: u64,
+    ) -> Result<(PingPong, Vec<Slowdown>)> {
         step(&format!(
-            "workload slowdown: {} off/on pairs, interleaved, {} simulated vCPUs tracked",
-            self.plan.pairs,
+            "workload slowdown: {} rounds of agent off / on / empty program only, {} ping-pongs \
+             each, {} simulated vCPUs tracked",
+            self.plan.rounds,
+            self.plan.runs_per_arm,
             fleet.vcpus()
         ));
         let mut runs = Runs::default();
-        for pair in 0..self.plan.pairs {
-            let order = if pair % 2 == 0 {
-                [false, true]
-            } else {
-                [true, false]
-            };
-            for on in order {
-                if on {
-                    self.on_arm(fleet, loops, rounds, &mut runs)?;
-                } else {
-                    runs.pp_off.push(workload::pingpong(loops)?.as_secs_f64());
-                    let cpu = workload::spin(&self.helpers.spin, rounds)?;
-                    runs.cpu_off.push(cpu.as_secs_f64());
+        for round in 0..self.plan.rounds {
+            for arm in 0..3 {
+                match (arm + round) % 3 {
+                    0 => {
+                        for _ in 0..self.plan.runs_per_arm {
+                            runs.pp_off.push(workload::pingpong(loops)?.as_secs_f64());
+                        }
+                        let cpu = workload::spin(&self.helpers.spin, rounds)?;
+                        runs.cpu_off.push(cpu.as_secs_f64());
+                    }
+                    1 => {
+                        let _agent = self.start_agent(fleet, Mode::default())?;
+                        for _ in 0..self.plan.runs_per_arm {
+                            runs.pp_on.push(workload::pingpong(loops)?.as_secs_f64());
+                        }
+                        let cpu = workload::spin(&self.helpers.spin, rounds)?;
+                        runs.cpu_on.push(cpu.as_secs_f64());
+                    }
+                    _ => {
+                        let mode = Mode {
+                            baseline_only: true,
+                            ..Mode::default()
+                        };
+                        let agent = self.start_agent(fleet, mode)?;
+                        let _stopped = Stopped::new(agent.pid())?;
+                        for _ in 0..self.plan.runs_per_arm {
+                            runs.pp_empty.push(workload::pingpong(loops)?.as_secs_f64());
+                        }
+                    }
                 }
             }
+            let k = self.plan.runs_per_arm;
+            let last = |v: &[f64]| stats::median(&v[v.len().saturating_sub(k)..]);
             step(&format!(
-                "  pair {}/{}: ping-pong off {:.3} s, on {:.3} s, on but agent stopped {:.3} s; \
-                 CPU-bound off {:.3} s, on {:.3} s",
-                pair + 1,
-                self.plan.pairs,
-                runs.pp_off[pair],
-                runs.pp_on[pair],
-                runs.pp_paused[pair],
-                runs.cpu_off[pair],
-                runs.cpu_on[pair]
+                "  round {}/{}: ping-pong median off {:.3} s, on {:.3} s, empty program only \
+                 {:.3} s; CPU-bound off {:.3} s, on {:.3} s",
+                round + 1,
+                self.plan.rounds,
+                last(&runs.pp_off),
+                last(&runs.pp_on),
+                last(&runs.pp_empty),
+                runs.cpu_off[round],
+                runs.cpu_on[round]
             ));
         }
-        Ok(vec![
-            Slowdown::new(
-                "ping-pong",
-                format!("`perf bench sched pipe -l {loops}`"),
-                loops,
-                [runs.pp_off, runs.pp_on],
-                Some(runs.pp_paused),
-            )?,
-            Slowdown::new(
-                "CPU-bound",
-                format!("{rounds} xorshift rounds"),
-                rounds,
-                [runs.cpu_off, runs.cpu_on],
-                None,
-            )?,
-        ])
+        let pingpong = PingPong::new(loops, runs.pp_off, runs.pp_on, runs.pp_empty)?;
+        let cpu = Slowdown::new(
+            "CPU-bound",
+            format!("{rounds} xorshift rounds"),
+            rounds,
+            [runs.cpu_off, runs.cpu_on],
+        )?;
+        Ok((pingpong, vec![cpu]))
     }
 
-    fn on_arm(&self, fleet: &Fleet, loops: u64, rounds: u64, runs: &mut Runs) -> Result<()> {
-        let agent = self.start_agent(fleet, Mode::default())?;
-        runs.pp_on.push(workload::pingpong(loops)?.as_secs_f64());
-        let cpu = workload::spin(&self.helpers.spin, rounds)?;
-        runs.cpu_on.push(cpu.as_secs_f64());
-        let stopped = Stopped::new(agent.pid())?;
-        runs.pp_paused
-            .push(workload::pingpong(loops)?.as_secs_f64());
-        drop(stopped);
-        Ok(())
-    }
-
-    /// The agent beside `fleet` at 1 s sampling: CPU over a window after warm-up, memory,
-    /// scrapes; with `profile_misses`, a CPU profile for each target it misses.
-    pub fn steady(
+    /// One agent from 0 VMs to the largest of `plan.vm_levels`: at each level a warm-up and
+    /// a CPU window; at the largest, scrapes (plain and gzip) and, with `profile_misses`, a
+    /// profile for each target missed. Memory: the whole life's peak (VmHWM).
+    pub fn life(
         &self,
-        fleet: &Fleet,
+        fleet: &mut Fleet,
         profile_misses: bool,
         profiles: &mut Vec<Profile>,
-    ) -> Result<Steady> {
-        let vms = fleet.vms();
+    ) -> Result<Life> {
+        let mut levels = self.plan.vm_levels.clone();
+        levels.sort_unstable();
         step(&format!(
-            "steady state with {vms} simulated VMs: warm-up {} s, CPU over {} s, {} scrapes",
+            "agent life from {} to {} simulated VMs: at each level warm-up {} s, CPU over {} s",
+            fleet.vms(),
+            levels.last().copied().unwrap_or(0),
             self.plan.warmup.as_secs(),
-            self.plan.window.as_secs(),
-            self.plan.scrapes
+            self.plan.window.as_secs()
         ));
-        let agent = self.start_agent(fleet, Mode::default())?;
+        let mut agent = self.start_agent(fleet, Mode::default())?;
         let pid = agent.pid();
         let memory_ready = agent::memory(pid)?;
-        pause(self.plan.warmup)?;
-        let (cpu0, t0) = (agent::cpu_time(pid)?, Instant::now());
-        pause(self.plan.window)?;
-        let (cpu1, window) = (agent::cpu_time(pid)?, t0.elapsed().as_secs_f64());
-        let cpu_per_s = cpu1.saturating_sub(cpu0).as_secs_f64() / window;
-        let scrape = scrapes(agent.addr(), self.plan.scrapes)?;
+        let mut steady = Vec::new();
+        for &vms in &levels {
+            super::grow(fleet, vms)?;
+            agent.wait_ready(fleet.vcpus())?;
+            pause(self.plan.warmup)?;
+            let (cpu0, t0) = (agent::cpu_time(pid)?, Instant::now());
+            pause(self.plan.window)?;
+            let (cpu1, window) = (agent::cpu_time(pid)?, t0.elapsed().as_secs_f64());
+            let cpu_per_s = cpu1.saturating_sub(cpu0).as_secs_f64() / window;
+            let memory = agent::memory(pid)?;
+            step(&format!(
+                "  {vms} VMs: CPU {:.3} % of one CPU, RSS {:.1} MB, peak so far {:.1} MB",
+                cpu_per_s * 100.0,
+                mb(memory.rss),
+                mb(memory.peak)
+            ));
+            steady.push(Steady {
+                vms,
+                vcpus_listed: fleet.vcpus(),
+                window_s: window,
+                cpu_per_s,
+                memory,
+            });
+        }
+        let scrape = scrapes(agent.addr(), self.plan.scrapes, false)?;
+        let scrape_gzip = scrapes(agent.addr(), self.plan.scrapes, true)?;
         let memory = agent::memory(pid)?;
         step(&format!(
-            "  CPU {:.3} % of one CPU, peak RSS {:.1} MB, scrape median {:.1} ms p99 {:.1} ms, {} bytes",
-            cpu_per_s * 100.0,
-            mb(memory.peak),
+            "  scrapes: median {:.1} ms p99 {:.1} ms ({} bytes); gzip median {:.1} ms p99 {:.1} ms \
+             ({} bytes); whole-life peak RSS {:.1} MB",
             scrape.latency_ms.median,
             scrape.latency_ms.p99,
-            scrape.body_bytes
+            scrape.body_bytes,
+            scrape_gzip.latency_ms.median,
+            scrape_gzip.latency_ms.p99,
+            scrape_gzip.body_bytes,
+            mb(memory.peak)
         ));
+        let cpu_last = steady.last().map_or(0.0, |s| s.cpu_per_s);
         if profile_misses {
-            if cpu_per_s > limits::AGENT_CPU {
+            if cpu_last > limits::AGENT_CPU_LARGEST {
                 profiles.push(self.profile(&agent, PROFILE_STEADY, || Ok(())));
             }
-            if scrape.latency_ms.p99 > limits::SCRAPE_MS {
+            if scrape_gzip.latency_ms.p99 > limits::SCRAPE_MS {
                 let addr = agent.addr().to_owned();
-                let busy = || scrape_for(&addr, Duration::from_secs(self.plan.profile_secs.into()));
+                let secs = Duration::from_secs(self.plan.profile_secs.into());
+                let busy = || scrape_for(&addr, secs);
                 profiles.push(self.profile(&agent, PROFILE_SCRAPED, busy));
             }
-            if memory.peak > limits::AGENT_PEAK_BYTES {
-                step("  profiling where the agent's start-up touches memory (perf, page-faults)");
-                let top = host::startup_faults(self.bin, self.logs);
-                profiles.push(Profile::of(PROFILE_STARTUP, "page-faults", None, top));
-            }
         }
-        Ok(Steady {
-            vms,
-            vcpus_listed: fleet.vcpus(),
-            window_s: window,
-            cpu_per_s,
+        drop(agent);
+        if profile_misses && memory.peak > limits::AGENT_PEAK_BYTES {
+            step("  profiling where the agent's start-up touches memory (perf, page-faults)");
+            let top = host::startup_faults(self.bin, self.logs);
+            profiles.push(Profile::of(PROFILE_STARTUP, "page-faults", None, top));
+        }
+        Ok(Life {
+            steady,
             memory_ready,
             memory,
             scrape,
+            scrape_gzip,
         })
     }
 
@@ -381,21 +469,48 @@ impl Slowdown {
         size: String,
         units: u64,
         [off, on]: [Vec<f64>; 2],
-        stopped: Option<Vec<f64>>,
     ) -> Result<Self> {
-        let ratio = |arm: &[f64]| {
-            let ratios: Vec<f64> = arm.iter().zip(&off).map(|(n, f)| n / f).collect();
-            Spread::of(&ratios).context("no slowdown pairs were run")
-        };
+        let ratios: Vec<f64> = on.iter().zip(&off).map(|(n, f)| n / f).collect();
         Ok(Self {
             workload,
             size,
             units,
-            ratio: ratio(&on)?,
-            stopped_ratio: stopped.as_deref().map(ratio).transpose()?,
+            ratio: Spread::of(&ratios).context("no slowdown pairs were run")?,
             off_s: off,
             on_s: on,
-            stopped_s: stopped,
+        })
+    }
+}
+
+/// One round's ping-pong seconds: agent off, agent on, empty program only.
+type Triple = (f64, f64, f64);
+
+impl PingPong {
+    fn new(loops: u64, off_s: Vec<f64>, on_s: Vec<f64>, empty_s: Vec<f64>) -> Result<Self> {
+        let triples: Vec<Triple> = off_s
+            .iter()
+            .zip(&on_s)
+            .zip(&empty_s)
+            .map(|((&f, &n), &e)| (f, n, e))
+            .collect();
+        let agent = |t: &[Triple]| {
+            stats::median(&t.iter().map(|(f, n, _)| n / f).collect::<Vec<_>>()) - 1.0
+        };
+        let empty = |t: &[Triple]| {
+            stats::median(&t.iter().map(|(f, _, e)| e / f).collect::<Vec<_>>()) - 1.0
+        };
+        let ratio = |t: &[Triple]| agent(t) / empty(t);
+        let est = |f: &dyn Fn(&[Triple]) -> f64| {
+            stats::bootstrap(&triples, f).context("no ping-pong runs were made")
+        };
+        Ok(Self {
+            loops,
+            agent_slowdown: est(&agent)?,
+            empty_slowdown: est(&empty)?,
+            ratio: est(&ratio)?,
+            off_s,
+            on_s,
+            empty_s,
         })
     }
 }
@@ -405,7 +520,7 @@ impl Slowdown {
 struct Runs {
     pp_off: Vec<f64>,
     pp_on: Vec<f64>,
-    pp_paused: Vec<f64>,
+    pp_empty: Vec<f64>,
     cpu_off: Vec<f64>,
     cpu_on: Vec<f64>,
 }
@@ -428,25 +543,34 @@ impl Drop for Stopped {
     }
 }
 
-/// `n` GET /metrics one after the other.
-fn scrapes(addr: &str, n: usize) -> Result<ScrapeStats> {
+/// `n` GET /metrics one after the other, asking for gzip when `gzip` (then the server must
+/// answer with it); series are counted in one more, plain GET.
+fn scrapes(addr: &str, n: usize, gzip: bool) -> Result<ScrapeStats> {
     let mut ms = Vec::with_capacity(n);
-    let mut last = None;
+    let mut bytes = 0;
     for _ in 0..n {
         super::check_interrupted()?;
-        let s = agent::scrape(addr)?;
+        let s = agent::get_metrics(addr, gzip)?;
         if s.status != 200 {
             anyhow::bail!("GET /metrics answered HTTP {}", s.status);
         }
+        if s.gzip != gzip {
+            anyhow::bail!(
+                "GET /metrics with gzip {}asked answered with{} Content-Encoding: gzip",
+                if gzip { "" } else { "not " },
+                if s.gzip { "" } else { "out" }
+            );
+        }
         ms.push(s.took.as_secs_f64() * 1e3);
-        last = Some(s);
+        bytes = s.body.len();
     }
-    let last = last.context("no scrapes were run")?;
+    let plain = agent::scrape(addr)?;
     Ok(ScrapeStats {
         latency_ms: Spread::of(&ms).context("no scrapes were run")?,
-        body_bytes: last.body.len(),
-        series: last
-            .body
+        body_bytes: bytes,
+        series: plain
+            .text()
+            .context("the /metrics body is not UTF-8")?
             .lines()
             .filter(|l| !l.is_empty() && !l.starts_with('#'))
             .count(),

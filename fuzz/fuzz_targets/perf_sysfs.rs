@@ -1,0 +1,4 @@
+//! Fuzz target `perf_sysfs`: see `optimus::fuzzing::TARGETS` for what the input stands for.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| optimus::fuzzing::perf_sysfs(data));
