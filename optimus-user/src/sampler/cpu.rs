@@ -30,11 +30,20 @@ struct ThreadLedger {
     /// Highest per-CPU nanoseconds seen (the read includes a running slice that a later
     /// read can see slightly lower; the clamp keeps every counter monotonic).
     per_cpu: Vec<u64>,
+    /// The part of `per_cpu` already charged under an earlier kind: a thread first seen
+    /// before QEMU named it (`qemu-system-x86`, so emulator) is reclassified when its name
+    /// changes, and only its time since then counts under the new kind.
+    base: Vec<u64>,
 }
 
 impl ThreadLedger {
-    fn total(&self) -> u64 {
-        self.per_cpu.iter().sum()
+    /// Per-CPU nanoseconds charged under the current kind.
+    fn charged(&self) -> Vec<u64> {
+        self.per_cpu
+            .iter()
+            .enumerate()
+            .map(|(cpu, ns)| ns.saturating_sub(self.base.get(cpu).copied().unwrap_or(0)))
+            .collect()
     }
 }
 
@@ -154,9 +163,21 @@ impl CpuLedger {
                     .or_insert_with(|| ThreadLedger {
                         kind: thread.kind,
                         per_cpu: Vec::new(),
+                        base: Vec::new(),
                     });
+                // Renamed: what it ran so far stays with the old kind (counters never go
+                // backwards), what it runs from now on goes to the new one.
+                let renamed = (t.kind != thread.kind).then(|| {
+                    let old = t.clone();
+                    t.base.clone_from(&t.per_cpu);
+                    t.kind = thread.kind;
+                    old
+                });
                 if let Some(v) = reading.threads.get(&thread.tid) {
                     clamp_into(&mut t.per_cpu, v);
+                }
+                if let Some(old) = renamed {
+                    retire(ledger, &old);
                 }
             }
         }
@@ -172,24 +193,27 @@ impl CpuLedger {
             per_cpu_ns: ledger.retired_per_cpu.clone(),
         };
         for t in ledger.threads.values() {
-            let total = t.total();
+            let charged = t.charged();
+            let total: u64 = charged.iter().sum();
             out.by_kind_ns[kind_index(t.kind)] += total;
             if let ThreadKind::Vcpu(n) = t.kind {
                 *out.vcpu_ns.entry(n).or_default() += total;
             }
-            add_into(&mut out.per_cpu_ns, &t.per_cpu);
+            add_into(&mut out.per_cpu_ns, &charged);
         }
         Some(out)
     }
 }
 
+/// Moves a thread's count (under its current kind) into the VM's retired totals.
 fn retire(ledger: &mut VmLedger, t: &ThreadLedger) {
-    let total = t.total();
+    let charged = t.charged();
+    let total: u64 = charged.iter().sum();
     ledger.retired_by_kind[kind_index(t.kind)] += total;
     if let ThreadKind::Vcpu(n) = t.kind {
         *ledger.retired_vcpu.entry(n).or_default() += total;
     }
-    add_into(&mut ledger.retired_per_cpu, &t.per_cpu);
+    add_into(&mut ledger.retired_per_cpu, &charged);
 }
 
 #[cfg(test)]
@@ -286,6 +310,48 @@ mod tests {
         assert_eq!(l.vm(&a.id).unwrap().vcpu_ns[&0], 100);
         l.update(std::slice::from_ref(&a), &reading(&[]));
         assert_eq!(l.vm(&a.id).unwrap().vcpu_ns[&0], 100);
+    }
+
+    #[test]
+    fn a_renamed_thread_moves_to_its_new_kind_from_then_on() {
+        let mut l = CpuLedger::default();
+        // Seen before QEMU named it: the process name, so emulator.
+        let before = vm(
+            "a",
+            &[(10, ThreadKind::Emulator), (11, ThreadKind::Emulator)],
+        );
+        l.update(
+            std::slice::from_ref(&before),
+            &reading(&[(10, &[1, 0]), (11, &[3, 2])]),
+        );
+        let after = vm(
+            "a",
+            &[(10, ThreadKind::Emulator), (11, ThreadKind::Vcpu(1))],
+        );
+        l.update(
+            std::slice::from_ref(&after),
+            &reading(&[(10, &[1, 0]), (11, &[10, 4])]),
+        );
+        let cpu = l.vm(&after.id).unwrap();
+        // 5 ns stay emulator time (it never goes backwards); the 9 ns since count as vCPU 1.
+        assert_eq!(cpu.by_kind_ns, [9, 6, 0, 0, 0]);
+        assert_eq!(cpu.vcpu_ns, BTreeMap::from([(1, 9)]));
+        assert_eq!(cpu.per_cpu_ns, vec![11, 4]);
+        l.update(
+            std::slice::from_ref(&after),
+            &reading(&[(10, &[1, 0]), (11, &[20, 4])]),
+        );
+        assert_eq!(l.vm(&after.id).unwrap().vcpu_ns, BTreeMap::from([(1, 19)]));
+        // It exits: its final count is kept under its last kind.
+        let gone = vm("a", &[(10, ThreadKind::Emulator)]);
+        let forget = l.update(
+            std::slice::from_ref(&gone),
+            &reading(&[(10, &[1, 0]), (11, &[21, 4])]),
+        );
+        assert_eq!(forget, vec![11]);
+        let cpu = l.vm(&gone.id).unwrap();
+        assert_eq!(cpu.by_kind_ns, [20, 6, 0, 0, 0]);
+        assert_eq!(cpu.per_cpu_ns, vec![22, 4]);
     }
 
     #[test]
