@@ -35,15 +35,21 @@ pub const TRACKED_WORDS: u32 = PID_MAX_LIMIT / 64;
 pub struct RunningSlice {
     /// Thread id now on this CPU (0: the idle task or unknown).
     pub tid: u32,
-    /// `1` when that thread was tracked when it was switched in.
+    /// Non-zero when that thread was tracked when it was switched in: bit 0 set, and bit 1
+    /// when `since_runtime_ns` holds its runtime then.
     pub tracked: u32,
     /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) when it was switched in; only kept for a
     /// tracked thread (the clock is not read for switches between untracked threads).
     pub since_ns: u64,
     /// When this CPU last left its idle task; 0 while it is idle (or not yet known).
     pub busy_since_ns: u64,
+    /// The tracked thread's `se.sum_exec_runtime` when it was switched in: its slice is
+    /// charged as the kernel's own runtime delta (what schedstat and cgroups report), not
+    /// as a clock delta, which would include time stolen by the hypervisor and the
+    /// scheduler's own bookkeeping around the switch.
+    pub since_runtime_ns: u64,
 }
-const _: () = assert!(size_of::<RunningSlice>() == 24);
+const _: () = assert!(size_of::<RunningSlice>() == 32);
 
 /// Per-CPU counters of the tracer itself, the agent's own cost and health.
 #[repr(C)]
@@ -76,7 +82,7 @@ pub struct CpuState {
     pub slot: RunningSlice,
     pub stats: TracerStats,
 }
-const _: () = assert!(size_of::<CpuState>() == 72);
+const _: () = assert!(size_of::<CpuState>() == 80);
 
 /// Bytes of the ring buffer of process change events (4-byte tgids in 16-byte records:
 /// about 16,000 changes per sampling interval before one is lost).

@@ -43,6 +43,10 @@ static TRACK_ALL: u32 = 0;
 /// `tgid` follows it (userspace checks), so one 8-byte read gets both.
 #[no_mangle]
 pub(crate) static TASK_PID_OFFSET: u64 = 0;
+/// Byte offset of `se.sum_exec_runtime` in `struct task_struct`, from the kernel's BTF
+/// (0: unknown, slices are then clock deltas).
+#[no_mangle]
+pub(crate) static TASK_SUM_EXEC_OFFSET: u64 = 0;
 /// Byte offset of `flags` in `struct task_struct`, from the kernel's BTF.
 #[no_mangle]
 static TASK_FLAGS_OFFSET: u64 = 0;
@@ -73,6 +77,12 @@ static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
 /// On-CPU nanoseconds per thread id, one value per CPU.
 #[map]
 static CPU_NS: PerCpuHashMap<u32, u64> = PerCpuHashMap::with_max_entries(MAX_TRACKED_THREADS, 0);
+
+/// Per thread: its `se.sum_exec_runtime` when it was last charged (or first switched in).
+/// A slice is charged as the runtime since then, so a switch the tracepoint never showed
+/// (this host's kernel switches some tasks without it) cannot lose the slice after it.
+#[map]
+static LAST_RUNTIME: HashMap<u32, u64> = HashMap::with_max_entries(MAX_TRACKED_THREADS, 0);
 
 /// Per CPU: the thread on it now and since when, and the tracer's own counters, in one
 /// value so a switch looks up one map entry.
@@ -112,7 +122,7 @@ pub fn sched_switch(ctx: BtfTracePointContext) -> i32 {
         };
         u32::try_from(pid).ok().zip(u32::try_from(tgid).ok())
     };
-    try_sched_switch(&ctx, ids);
+    try_sched_switch(&ctx, next, ids);
     0
 }
 
@@ -120,7 +130,7 @@ pub fn sched_switch(ctx: BtfTracePointContext) -> i32 {
 /// kernels where the BTF tracepoint cannot load.
 #[raw_tracepoint(tracepoint = "sched_switch")]
 pub fn ss_raw(ctx: RawTracePointContext) -> i32 {
-    try_sched_switch(&ctx, read_next_ids(&ctx));
+    try_sched_switch(&ctx, ctx.arg(2), read_next_ids(&ctx));
     0
 }
 
@@ -138,7 +148,7 @@ pub fn ss_raw_empty(_ctx: RawTracePointContext) -> i32 {
 }
 
 #[inline(always)]
-fn try_sched_switch<C: EbpfContext>(ctx: &C, next_ids: Option<(u32, u32)>) {
+fn try_sched_switch<C: EbpfContext>(ctx: &C, next_task: *const u8, next_ids: Option<(u32, u32)>) {
     let Some(state) = CPU_STATE.get_ptr_mut(0) else {
         return;
     };
@@ -150,9 +160,12 @@ fn try_sched_switch<C: EbpfContext>(ctx: &C, next_ids: Option<(u32, u32)>) {
     // At sched_switch `current` is still the outgoing task.
     #[expect(
         clippy::cast_possible_truncation,
-        reason = "the low half is the thread id"
+        reason = "the low half is the thread id, the high half the tgid"
     )]
-    let prev = bpf_get_current_pid_tgid() as u32;
+    let (prev, prev_tgid) = {
+        let id = bpf_get_current_pid_tgid();
+        (id as u32, (id >> 32) as u32)
+    };
     let (next, next_tgid) = match next_ids {
         Some(ids) => ids,
         None => {
@@ -170,27 +183,76 @@ fn try_sched_switch<C: EbpfContext>(ctx: &C, next_ids: Option<(u32, u32)>) {
     };
     let next_tracked = next != 0 && is_tracked(next_tgid);
     // tid 0 is this CPU's idle task; an empty slot (first switch after load) names nobody.
-    let charge_prev = slot.tracked != 0 && slot.tid == prev && prev != 0;
+    let prev_tracked = prev != 0 && is_tracked(prev_tgid);
+    // Whether this CPU's last switch seen brought prev in, and with its runtime then.
+    let slot_is_prev = slot.tracked != 0 && slot.tid == prev;
+    let prev_runtime_known = slot_is_prev && slot.tracked & SLICE_RUNTIME != 0;
     // Busy time changes only at idle edges (and must start being counted once per CPU).
     let busy_edge = (prev == 0) != (next == 0) || (next != 0 && slot.busy_since_ns == 0);
+    let (since_ns, since_runtime_ns) = (slot.since_ns, slot.since_runtime_ns);
     slot.tid = next;
     slot.tracked = u32::from(next_tracked);
     // A switch between two untracked, non-idle threads (the common case on a busy host)
     // needs no clock read at all.
-    if !(charge_prev || next_tracked || busy_edge) {
+    if !(prev_tracked || next_tracked || busy_edge) {
         return;
     }
     let now = unsafe_ktime();
-    if charge_prev {
-        charge(ctx, prev, now.saturating_sub(slot.since_ns), stats);
+    let runtime_offset = measure::task_offset(&TASK_SUM_EXEC_OFFSET);
+    if prev_tracked {
+        // The scheduler brought prev's sum_exec_runtime up to date (put_prev_task) before
+        // this tracepoint.
+        // SAFETY: bpf_get_current_task has no preconditions; `current` is still prev.
+        let current = unsafe { bpf_get_current_task() } as *const u8;
+        let runtime = if runtime_offset == 0 {
+            None
+        } else {
+            read::<u64>(current, runtime_offset)
+        };
+        let ns = match (runtime, LAST_RUNTIME.get_ptr_mut(&prev)) {
+            (Some(rt), Some(last)) => {
+                // SAFETY: a pointer the map lookup just returned; only this thread's
+                // switches (never two at once) write its entry.
+                let last = unsafe { &mut *last };
+                // Lower: the id names a new thread (its runtime restarted from 0).
+                let ns = rt.saturating_sub(*last);
+                *last = rt;
+                Some(ns)
+            }
+            (Some(rt), None) => {
+                // Tracked since it was switched in (an exec made it QEMU, or userspace
+                // dropped its entry): this slice from the switch-in seen, if any.
+                let _ = LAST_RUNTIME.insert(&prev, &rt, 0);
+                prev_runtime_known.then(|| rt.saturating_sub(since_runtime_ns))
+            }
+            // No runtime to read: the clock since the switch-in seen.
+            (None, _) => slot_is_prev.then(|| now.saturating_sub(since_ns)),
+        };
+        if let Some(ns) = ns {
+            charge(ctx, prev, ns, stats);
+        }
     }
     if busy_edge {
         busy_edge_at(next, now, &mut slot.busy_since_ns, &mut stats.busy_ns);
     }
     if next_tracked {
         slot.since_ns = now;
+        if runtime_offset != 0 {
+            if let Some(rt) = read::<u64>(next_task, runtime_offset) {
+                slot.since_runtime_ns = rt;
+                slot.tracked |= SLICE_RUNTIME;
+                if LAST_RUNTIME.get_ptr(&next).is_none() {
+                    // Full: the slot's runtime still times this slice.
+                    let _ = LAST_RUNTIME.insert(&next, &rt, 0);
+                }
+            }
+        }
     }
 }
+
+/// Bit of [`RunningSlice::tracked`]: `since_runtime_ns` holds the thread's runtime at
+/// switch-in, so its slice is the runtime delta.
+const SLICE_RUNTIME: u32 = 2;
 
 /// `sched_process_exec(struct task_struct *p, pid_t old_pid, struct linux_binprm *bprm)`,
 /// in the exec'ing task after its comm became the new binary's name: a process that
@@ -215,6 +277,21 @@ pub fn qemu_exec(_ctx: RawTracePointContext) -> i32 {
         // when one of its own bits in it changes, and re-sets this bit from EXECED at its
         // next step if that write raced this one.
         unsafe { *word |= 1 << (tgid % 64) };
+    }
+    // Its slices count from here: the slice in progress began untracked, so its
+    // switch-out charges the runtime since the exec (as of the scheduler's last update).
+    let offset = measure::task_offset(&TASK_SUM_EXEC_OFFSET);
+    if offset != 0 {
+        // SAFETY: bpf_get_current_task has no preconditions.
+        let current = unsafe { bpf_get_current_task() } as *const u8;
+        if let Some(rt) = read::<u64>(current, offset) {
+            #[expect(
+                clippy::cast_possible_truncation,
+                reason = "the low half is the thread id"
+            )]
+            let tid = bpf_get_current_pid_tgid() as u32;
+            let _ = LAST_RUNTIME.insert(&tid, &rt, 0);
+        }
     }
     // Full (1,024 QEMU execs within one interval): the next scan finds it anyway.
     let _ = EXECED.insert(&tgid, &1, 0);

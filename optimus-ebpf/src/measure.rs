@@ -21,15 +21,20 @@ use optimus_common::{
     MAX_MEASURED_THREADS, MEASURE_MEMBER, MEASURE_SEED,
 };
 
-use crate::{block_offsets, busy_edge_at, read, read_global, unsafe_ktime, TASK_PID_OFFSET};
-
-/// Byte offset of `se.sum_exec_runtime` in `struct task_struct`, from the kernel's BTF.
-#[no_mangle]
-static TASK_SUM_EXEC_OFFSET: u64 = 0;
+use crate::{
+    block_offsets, busy_edge_at, read, read_global, unsafe_ktime, TASK_PID_OFFSET,
+    TASK_SUM_EXEC_OFFSET,
+};
 
 /// Threads of the measured tree: `MEASURE_MEMBER` or `MEASURE_SEED`.
 #[map]
 static MEASURE_TREE: HashMap<u32, u32> = HashMap::with_max_entries(MAX_MEASURED_THREADS, 0);
+
+/// Each member's `se.sum_exec_runtime` when it was last charged (0 from its fork): a slice
+/// is charged as the runtime since, so a switch the tracepoint never showed (this host's
+/// kernel switches some tasks without it) cannot lose the member's next slice.
+#[map]
+static MEASURE_LAST: HashMap<u32, u64> = HashMap::with_max_entries(MAX_MEASURED_THREADS, 0);
 
 /// The thread on each CPU now (one slot per CPU).
 #[map]
@@ -73,18 +78,34 @@ fn try_measure_switch(ctx: &RawTracePointContext) {
         .unwrap_or(0);
     let sum_exec_offset = task_offset(&TASK_SUM_EXEC_OFFSET);
 
-    if slot.member != 0 && slot.tid == prev && prev != 0 {
+    let prev_member = prev != 0 && MEASURE_TREE.get_ptr(&prev).is_some_and(is_member);
+    if prev_member {
         // The scheduler updated prev's sum_exec_runtime (put_prev_task) before this
         // tracepoint.
         // SAFETY: bpf_get_current_task has no preconditions.
         let current = unsafe { bpf_get_current_task() } as *const u8;
         if let Some(now_sum) = read::<u64>(current, sum_exec_offset) {
-            counters.cpu_ns += now_sum.saturating_sub(slot.sum_exec_in);
+            let since = match MEASURE_LAST.get_ptr_mut(&prev) {
+                Some(last) => {
+                    // SAFETY: a pointer the lookup just returned; only this thread's
+                    // switches (never two at once) write its entry.
+                    let last = unsafe { &mut *last };
+                    let since = *last;
+                    *last = now_sum;
+                    Some(since)
+                }
+                // Full at its fork: the switch-in this CPU saw, if any.
+                None => (slot.member != 0 && slot.tid == prev).then_some(slot.sum_exec_in),
+            };
+            if let Some(since) = since {
+                counters.cpu_ns += now_sum.saturating_sub(since);
+            }
         }
         let prev_state: u64 = ctx.arg(3);
         if prev_state & TASK_DEAD != 0 {
             // Its last slice is charged: it leaves the tree (absent already is fine).
             let _ = MEASURE_TREE.remove(&prev);
+            let _ = MEASURE_LAST.remove(&prev);
         }
     }
     let next_member = next != 0 && MEASURE_TREE.get_ptr(&next).is_some_and(is_member);
@@ -112,7 +133,7 @@ fn is_member(v: *const u32) -> bool {
 
 /// A byte offset into `task_struct`, set by userspace at load time.
 #[inline(always)]
-fn task_offset(global: &u64) -> u32 {
+pub(crate) fn task_offset(global: &u64) -> u32 {
     #[expect(
         clippy::cast_possible_truncation,
         reason = "task_struct is far below 4 GiB"
@@ -157,6 +178,8 @@ fn try_measure_fork(ctx: &RawTracePointContext) {
     // SAFETY: this CPU's slot; nobody else writes it now.
     let counters = unsafe { &mut *counters };
     if MEASURE_TREE.insert(&tid, &MEASURE_MEMBER, 0).is_ok() {
+        // A new task's runtime starts at 0 (sched_fork).
+        let _ = MEASURE_LAST.insert(&tid, &0, 0);
         counters.forks += 1;
     } else {
         counters.dropped += 1;

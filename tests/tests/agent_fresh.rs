@@ -28,9 +28,10 @@ const UUID: &str = "5a0f3c2e-8d41-4b7a-9e15-2c6d7f80a913";
 /// CPU each burner spends, milliseconds.
 const SPIN_MS: u64 = 1500;
 
-/// Exported seconds against schedstat: within 5 % + 20 ms (one ktime slice against the
-/// scheduler's runtime; steal time on this VM makes slices read a little high). A slice lost
-/// to a late scan is a third or more of the figure, far outside.
+/// Exported seconds against schedstat: within 1 % + 10 ms. Slices are the scheduler's own
+/// runtime deltas, so they match schedstat to the nanosecond; the main thread's schedstat
+/// also holds the moments between fork and exec, before it was QEMU. A slice lost to a
+/// late scan, or to a switch the tracepoint did not show, is far outside.
 fn assert_charged_in_full(what: &str, exported: f64, schedstat: f64) {
     eprintln!("{what}: exported {exported:.4} s, schedstat {schedstat:.4} s");
     assert!(
@@ -38,7 +39,7 @@ fn assert_charged_in_full(what: &str, exported: f64, schedstat: f64) {
         "{what}: the burner ran only {schedstat:.3} s"
     );
     assert!(
-        (exported - schedstat).abs() <= 0.05 * schedstat + 0.02,
+        (exported - schedstat).abs() <= 0.01 * schedstat + 0.01,
         "{what}: exported {exported:.4} s against {schedstat:.4} s of schedstat: slices were lost \
          (or double counted) around the scan that found it"
     );

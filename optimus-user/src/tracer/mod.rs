@@ -137,6 +137,8 @@ pub struct Tracer {
     /// Tracked-process bitmap by tgid (`TRACKED_WORDS` words).
     tracked: Array<MapData, u64>,
     cpu_ns: PerCpuHashMap<MapData, u32, u64>,
+    /// Each charged thread's runtime at its last charge (kept by the kernel side).
+    last_runtime: aya::maps::HashMap<MapData, u32, u64>,
     cpu_state: PerCpuArray<MapData, CpuState>,
     /// Processes the exec program saw become QEMU (and set tracked) since the last step.
     execed: BpfHashMap<MapData, u32, u32>,
@@ -213,6 +215,18 @@ impl Tracer {
         }
         let pid_offset = u64::from(pid);
         let flags_offset = u64::from(btf.member_offset("task_struct", "flags")?);
+        // Slices are charged as the kernel's runtime deltas where its BTF says where that
+        // counter is (else as clock deltas, which count stolen time too).
+        let runtime_offset = btf
+            .member_offset("task_struct", "se")
+            .and_then(|se| {
+                Ok(u64::from(se)
+                    + u64::from(btf.member_offset("sched_entity", "sum_exec_runtime")?))
+            })
+            .unwrap_or_else(|e| {
+                log::info!("CPU slices timed by the clock, not the scheduler's runtime: {e}");
+                0
+            });
         let track_all = u32::from(opts.track_all);
         let block_offsets = if opts.block_io {
             block_offsets(&btf)
@@ -228,7 +242,8 @@ impl Tracer {
             .btf(None)
             .override_global("TRACK_ALL", &track_all, true)
             .override_global("TASK_PID_OFFSET", &pid_offset, true)
-            .override_global("TASK_FLAGS_OFFSET", &flags_offset, true);
+            .override_global("TASK_FLAGS_OFFSET", &flags_offset, true)
+            .override_global("TASK_SUM_EXEC_OFFSET", &runtime_offset, true);
         if let Ok((offsets, _)) = &block_offsets {
             loader.override_global("BLOCK_OFFSETS", offsets, true);
         }
@@ -279,6 +294,7 @@ impl Tracer {
 
         let tracked = open_map(&mut ebpf, "TRACKED")?;
         let cpu_ns = open_map(&mut ebpf, "CPU_NS")?;
+        let last_runtime = open_map(&mut ebpf, "LAST_RUNTIME")?;
         let cpu_state = open_map(&mut ebpf, "CPU_STATE")?;
         let execed = open_map(&mut ebpf, "EXECED")?;
         let block_io = open_map(&mut ebpf, "BLOCK_IO")?;
@@ -288,6 +304,7 @@ impl Tracer {
             logs,
             tracked,
             cpu_ns,
+            last_runtime,
             cpu_state,
             execed,
             exec_hook,
@@ -472,6 +489,8 @@ impl Tracer {
     pub fn forget(&mut self, tids: &[u32]) {
         for tid in tids {
             let _ = self.cpu_ns.remove(tid);
+            // Else a later thread given the same id would start from this one's runtime.
+            let _ = self.last_runtime.remove(tid);
         }
     }
 
