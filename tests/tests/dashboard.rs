@@ -528,7 +528,7 @@ fn every_query_returns_data_from_a_real_agent() {
         "conservation residual",
         only(r("Conservation residual", "A"), "residual"),
         0.0,
-        0.25,
+        1e-3,
     );
     let zones = r("Node power by zone", "A");
     for (zone, watts) in [("package", 20.0), ("dram", 5.0)] {
