@@ -122,7 +122,13 @@ pub fn sched_switch(ctx: BtfTracePointContext) -> i32 {
         };
         u32::try_from(pid).ok().zip(u32::try_from(tgid).ok())
     };
-    try_sched_switch(&ctx, next, ids);
+    let prev: *const u8 = ctx.arg(1);
+    try_sched_switch(&ctx, prev, next, ids, |task, offset| {
+        // SAFETY: `task` is `prev` or `next`, trusted pointers of this tracepoint, and
+        // `offset` is `se.sum_exec_runtime`'s from the kernel's BTF (a read-only constant):
+        // the verifier checks the load against the BTF, no helper call needed.
+        Some(unsafe { core::ptr::read_volatile(task.wrapping_add(offset as usize).cast::<u64>()) })
+    });
     0
 }
 
@@ -130,7 +136,13 @@ pub fn sched_switch(ctx: BtfTracePointContext) -> i32 {
 /// kernels where the BTF tracepoint cannot load.
 #[raw_tracepoint(tracepoint = "sched_switch")]
 pub fn ss_raw(ctx: RawTracePointContext) -> i32 {
-    try_sched_switch(&ctx, ctx.arg(2), read_next_ids(&ctx));
+    try_sched_switch(
+        &ctx,
+        ctx.arg(1),
+        ctx.arg(2),
+        read_next_ids(&ctx),
+        |task, offset| read::<u64>(task, offset),
+    );
     0
 }
 
@@ -148,7 +160,13 @@ pub fn ss_raw_empty(_ctx: RawTracePointContext) -> i32 {
 }
 
 #[inline(always)]
-fn try_sched_switch<C: EbpfContext>(ctx: &C, next_task: *const u8, next_ids: Option<(u32, u32)>) {
+fn try_sched_switch<C: EbpfContext>(
+    ctx: &C,
+    prev_task: *const u8,
+    next_task: *const u8,
+    next_ids: Option<(u32, u32)>,
+    runtime_of: impl Fn(*const u8, u32) -> Option<u64>,
+) {
     let Some(state) = CPU_STATE.get_ptr_mut(0) else {
         return;
     };
@@ -202,12 +220,10 @@ fn try_sched_switch<C: EbpfContext>(ctx: &C, next_task: *const u8, next_ids: Opt
     if prev_tracked {
         // The scheduler brought prev's sum_exec_runtime up to date (put_prev_task) before
         // this tracepoint.
-        // SAFETY: bpf_get_current_task has no preconditions; `current` is still prev.
-        let current = unsafe { bpf_get_current_task() } as *const u8;
-        let runtime = if runtime_offset == 0 {
+        let runtime = if runtime_offset == 0 || prev_task.is_null() {
             None
         } else {
-            read::<u64>(current, runtime_offset)
+            runtime_of(prev_task, runtime_offset)
         };
         let ns = match (runtime, LAST_RUNTIME.get_ptr_mut(&prev)) {
             (Some(rt), Some(last)) => {
@@ -237,14 +253,12 @@ fn try_sched_switch<C: EbpfContext>(ctx: &C, next_task: *const u8, next_ids: Opt
     }
     if next_tracked {
         slot.since_ns = now;
-        if runtime_offset != 0 {
-            if let Some(rt) = read::<u64>(next_task, runtime_offset) {
+        // A thread's first slice is timed from here: its switch-out finds no
+        // LAST_RUNTIME entry and takes the slot's runtime instead.
+        if runtime_offset != 0 && !next_task.is_null() {
+            if let Some(rt) = runtime_of(next_task, runtime_offset) {
                 slot.since_runtime_ns = rt;
                 slot.tracked |= SLICE_RUNTIME;
-                if LAST_RUNTIME.get_ptr(&next).is_none() {
-                    // Full: the slot's runtime still times this slice.
-                    let _ = LAST_RUNTIME.insert(&next, &rt, 0);
-                }
             }
         }
     }
