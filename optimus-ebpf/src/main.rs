@@ -216,7 +216,7 @@ fn try_sched_switch<C: EbpfContext>(
         return;
     }
     let now = unsafe_ktime();
-    let runtime_offset = measure::task_offset(&TASK_SUM_EXEC_OFFSET);
+    let runtime_offset = task_offset(&TASK_SUM_EXEC_OFFSET);
     if prev_tracked {
         // The scheduler brought prev's sum_exec_runtime up to date (put_prev_task) before
         // this tracepoint.
@@ -236,8 +236,9 @@ fn try_sched_switch<C: EbpfContext>(
                 Some(ns)
             }
             (Some(rt), None) => {
-                // Tracked since it was switched in (an exec made it QEMU, or userspace
-                // dropped its entry): this slice from the switch-in seen, if any.
+                // Its first charge (entries are made here, and at a QEMU exec), or
+                // userspace dropped its entry, or the map is full: this slice from the
+                // switch-in this CPU saw, if any.
                 let _ = LAST_RUNTIME.insert(&prev, &rt, 0);
                 prev_runtime_known.then(|| rt.saturating_sub(since_runtime_ns))
             }
@@ -277,8 +278,14 @@ pub fn qemu_exec(_ctx: RawTracePointContext) -> i32 {
     let Ok(comm) = bpf_get_current_comm() else {
         return 0;
     };
-    #[expect(clippy::cast_possible_truncation, reason = "the high half is the tgid")]
-    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    #[expect(
+        clippy::cast_possible_truncation,
+        reason = "the low half is the thread id, the high half the tgid"
+    )]
+    let (tid, tgid) = {
+        let id = bpf_get_current_pid_tgid();
+        (id as u32, (id >> 32) as u32)
+    };
     if !looks_like_qemu(&comm) {
         // A VM's QEMU that execs something else is a VM no more.
         if process_tracked(tgid) {
@@ -294,16 +301,11 @@ pub fn qemu_exec(_ctx: RawTracePointContext) -> i32 {
     }
     // Its slices count from here: the slice in progress began untracked, so its
     // switch-out charges the runtime since the exec (as of the scheduler's last update).
-    let offset = measure::task_offset(&TASK_SUM_EXEC_OFFSET);
+    let offset = task_offset(&TASK_SUM_EXEC_OFFSET);
     if offset != 0 {
         // SAFETY: bpf_get_current_task has no preconditions.
         let current = unsafe { bpf_get_current_task() } as *const u8;
         if let Some(rt) = read::<u64>(current, offset) {
-            #[expect(
-                clippy::cast_possible_truncation,
-                reason = "the low half is the thread id"
-            )]
-            let tid = bpf_get_current_pid_tgid() as u32;
             let _ = LAST_RUNTIME.insert(&tid, &rt, 0);
         }
     }
@@ -694,6 +696,17 @@ fn current_is_kthread() -> bool {
         bpf_probe_read_kernel(task.wrapping_add(off).cast())
     };
     flags.is_ok_and(|f| f & PF_KTHREAD != 0)
+}
+
+/// A byte offset into `task_struct`, set by userspace at load time.
+#[inline(always)]
+pub(crate) fn task_offset(global: &u64) -> u32 {
+    #[expect(
+        clippy::cast_possible_truncation,
+        reason = "task_struct is far below 4 GiB"
+    )]
+    let off = read_global(global) as u32;
+    off
 }
 
 #[inline(always)]

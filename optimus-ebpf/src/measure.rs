@@ -22,7 +22,7 @@ use optimus_common::{
 };
 
 use crate::{
-    block_offsets, busy_edge_at, read, read_global, unsafe_ktime, TASK_PID_OFFSET,
+    block_offsets, busy_edge_at, read, task_offset, unsafe_ktime, TASK_PID_OFFSET,
     TASK_SUM_EXEC_OFFSET,
 };
 
@@ -129,17 +129,6 @@ fn try_measure_switch(ctx: &RawTracePointContext) {
 fn is_member(v: *const u32) -> bool {
     // SAFETY: a pointer the map lookup just returned, valid for this program run.
     unsafe { *v == MEASURE_MEMBER }
-}
-
-/// A byte offset into `task_struct`, set by userspace at load time.
-#[inline(always)]
-pub(crate) fn task_offset(global: &u64) -> u32 {
-    #[expect(
-        clippy::cast_possible_truncation,
-        reason = "task_struct is far below 4 GiB"
-    )]
-    let off = read_global(global) as u32;
-    off
 }
 
 /// `sched_process_fork(struct task_struct *parent, struct task_struct *child)`, in the

@@ -47,8 +47,7 @@ impl TreeTracer {
         raise_memlock_limit();
         let btf = btf::Btf::load(btf_path)?;
         let pid_offset = u64::from(btf.member_offset("task_struct", "pid")?);
-        let sum_exec_offset = u64::from(btf.member_offset("task_struct", "se")?)
-            + u64::from(btf.member_offset("sched_entity", "sum_exec_runtime")?);
+        let sum_exec_offset = btf.task_runtime_offset()?;
         let blocks = block_offsets(&btf);
         drop(btf);
         let mut loader = EbpfLoader::new();

@@ -4,6 +4,7 @@
 //! Pure arithmetic: no I/O, no clock. The sampler feeds it discovery results and tracer
 //! readings; it answers which thread counters the kernel may now drop.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use crate::discovery::{ThreadKind, Vm, VmId};
@@ -37,8 +38,13 @@ struct ThreadLedger {
 }
 
 impl ThreadLedger {
-    /// Per-CPU nanoseconds charged under the current kind.
-    fn charged(&self) -> Vec<u64> {
+    /// Per-CPU nanoseconds charged under the current kind (no copy for a thread never
+    /// renamed, which is every thread once QEMU has named it: this runs per thread per
+    /// sample).
+    fn charged(&self) -> Cow<'_, [u64]> {
+        if self.base.is_empty() {
+            return Cow::Borrowed(&self.per_cpu);
+        }
         self.per_cpu
             .iter()
             .enumerate()

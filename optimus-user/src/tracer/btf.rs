@@ -119,6 +119,13 @@ impl Btf {
         Ok(btf)
     }
 
+    /// Byte offset of `se.sum_exec_runtime` in `struct task_struct`: the scheduler's own
+    /// on-CPU nanoseconds of a task, which schedstat and cgroups report.
+    pub fn task_runtime_offset(&self) -> Result<u64, BtfError> {
+        Ok(u64::from(self.member_offset("task_struct", "se")?)
+            + u64::from(self.member_offset("sched_entity", "sum_exec_runtime")?))
+    }
+
     /// Byte offset of `member` in `struct strukt`, looking into anonymous structs and
     /// unions too (`page::compound_head` sits in one).
     pub fn member_offset(

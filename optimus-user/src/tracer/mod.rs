@@ -217,16 +217,10 @@ impl Tracer {
         let flags_offset = u64::from(btf.member_offset("task_struct", "flags")?);
         // Slices are charged as the kernel's runtime deltas where its BTF says where that
         // counter is (else as clock deltas, which count stolen time too).
-        let runtime_offset = btf
-            .member_offset("task_struct", "se")
-            .and_then(|se| {
-                Ok(u64::from(se)
-                    + u64::from(btf.member_offset("sched_entity", "sum_exec_runtime")?))
-            })
-            .unwrap_or_else(|e| {
-                log::info!("CPU slices timed by the clock, not the scheduler's runtime: {e}");
-                0
-            });
+        let runtime_offset = btf.task_runtime_offset().unwrap_or_else(|e| {
+            log::info!("CPU slices timed by the clock, not the scheduler's runtime: {e}");
+            0
+        });
         let track_all = u32::from(opts.track_all);
         let block_offsets = if opts.block_io {
             block_offsets(&btf)
