@@ -41,15 +41,13 @@ pub struct RunningSlice {
     /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) when it was switched in; only kept for a
     /// tracked thread (the clock is not read for switches between untracked threads).
     pub since_ns: u64,
-    /// When this CPU last left its idle task; 0 while it is idle (or not yet known).
-    pub busy_since_ns: u64,
     /// The tracked thread's `se.sum_exec_runtime` when it was switched in: its slice is
     /// charged as the kernel's own runtime delta (what schedstat and cgroups report), not
     /// as a clock delta, which would include time stolen by the hypervisor and the
     /// scheduler's own bookkeeping around the switch.
     pub since_runtime_ns: u64,
 }
-const _: () = assert!(size_of::<RunningSlice>() == 32);
+const _: () = assert!(size_of::<RunningSlice>() == 24);
 
 /// Per-CPU counters of the tracer itself, the agent's own cost and health.
 #[repr(C)]
@@ -64,15 +62,11 @@ pub struct TracerStats {
     /// Kernel reads (`bpf_probe_read_kernel` of `next->pid`, of a block request or bio)
     /// that failed.
     pub read_errors: u64,
-    /// Nanoseconds this CPU ran any task but its idle task, counted at each busy → idle
-    /// edge (the busy stretch in progress is added by userspace at read time).
-    /// Attribution's active/idle split rests on it.
-    pub busy_ns: u64,
     /// Process change events (fork, exec, exit, rename of a tracked process) that did not
     /// fit in the event ring buffer: discovery then rescans /proc in full.
     pub lost_events: u64,
 }
-const _: () = assert!(size_of::<TracerStats>() == 48);
+const _: () = assert!(size_of::<TracerStats>() == 40);
 
 /// Everything `sched_switch` keeps per CPU, in one map value so that a switch costs one
 /// lookup of it.
@@ -82,7 +76,7 @@ pub struct CpuState {
     pub slot: RunningSlice,
     pub stats: TracerStats,
 }
-const _: () = assert!(size_of::<CpuState>() == 80);
+const _: () = assert!(size_of::<CpuState>() == 64);
 
 /// Bytes of the ring buffer of process change events (4-byte tgids in 16-byte records:
 /// about 16,000 changes per sampling interval before one is lost).

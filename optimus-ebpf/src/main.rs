@@ -107,23 +107,22 @@ static BLOCK_IO: PerCpuHashMap<BlockIoKey, BlockIoValue> =
 /// call. The agent falls back to [`ss_raw`] where this cannot load.
 #[btf_tracepoint(function = "sched_switch")]
 pub fn sched_switch(ctx: BtfTracePointContext) -> i32 {
+    let prev: *const u8 = ctx.arg(1);
     let next: *const u8 = ctx.arg(2);
     let offset = read_global(&TASK_PID_OFFSET);
-    let ids = if next.is_null() || offset == 0 {
-        None
-    } else {
-        // SAFETY: `next` is the kernel's trusted `task_struct *`; the verifier checks these
-        // loads against its BTF (pid and tgid, two adjacent `pid_t`s) and guards them.
-        let (pid, tgid) = unsafe {
-            (
-                core::ptr::read_volatile(next.wrapping_add(offset).cast::<i32>()),
-                core::ptr::read_volatile(next.wrapping_add(offset + 4).cast::<i32>()),
-            )
-        };
+    // SAFETY: `prev` and `next` are the kernel's trusted `task_struct *`s; the verifier
+    // checks these loads against its BTF (pid and tgid, two adjacent `pid_t`s) and guards
+    // them. Two plain loads each, where the helper for `current`'s ids was a call.
+    let ids = |task: *const u8| unsafe {
+        if task.is_null() || offset == 0 {
+            return None;
+        }
+        let pid = core::ptr::read_volatile(task.wrapping_add(offset).cast::<i32>());
+        let tgid = core::ptr::read_volatile(task.wrapping_add(offset + 4).cast::<i32>());
         u32::try_from(pid).ok().zip(u32::try_from(tgid).ok())
     };
-    let prev: *const u8 = ctx.arg(1);
-    try_sched_switch(&ctx, prev, next, ids, |task, offset| {
+    let prev_ids = ids(prev).unwrap_or_else(current_ids);
+    try_sched_switch(&ctx, prev, next, prev_ids, ids(next), |task, offset| {
         // SAFETY: `task` is `prev` or `next`, trusted pointers of this tracepoint, and
         // `offset` is `se.sum_exec_runtime`'s from the kernel's BTF (a read-only constant):
         // the verifier checks the load against the BTF, no helper call needed.
@@ -140,6 +139,8 @@ pub fn ss_raw(ctx: RawTracePointContext) -> i32 {
         &ctx,
         ctx.arg(1),
         ctx.arg(2),
+        // At sched_switch `current` is still the outgoing task.
+        current_ids(),
         read_next_ids(&ctx),
         |task, offset| read::<u64>(task, offset),
     );
@@ -164,6 +165,7 @@ fn try_sched_switch<C: EbpfContext>(
     ctx: &C,
     prev_task: *const u8,
     next_task: *const u8,
+    (prev, prev_tgid): (u32, u32),
     next_ids: Option<(u32, u32)>,
     runtime_of: impl Fn(*const u8, u32) -> Option<u64>,
 ) {
@@ -175,15 +177,6 @@ fn try_sched_switch<C: EbpfContext>(
     let CpuState { slot, stats } = unsafe { &mut *state };
     stats.switches += 1;
 
-    // At sched_switch `current` is still the outgoing task.
-    #[expect(
-        clippy::cast_possible_truncation,
-        reason = "the low half is the thread id, the high half the tgid"
-    )]
-    let (prev, prev_tgid) = {
-        let id = bpf_get_current_pid_tgid();
-        (id as u32, (id >> 32) as u32)
-    };
     let (next, next_tgid) = match next_ids {
         Some(ids) => ids,
         None => {
@@ -202,20 +195,18 @@ fn try_sched_switch<C: EbpfContext>(
     let next_tracked = next != 0 && is_tracked(next_tgid);
     // tid 0 is this CPU's idle task; an empty slot (first switch after load) names nobody.
     let prev_tracked = prev != 0 && is_tracked(prev_tgid);
+    // A switch between two untracked threads (the common case on a busy host, and every
+    // switch to or from idle) touches nothing else: no clock, no map. Busy time is the
+    // kernel's own idle accounting (/proc/stat), not counted here.
+    if !(prev_tracked || next_tracked || slot.tracked != 0) {
+        return;
+    }
     // Whether this CPU's last switch seen brought prev in, and with its runtime then.
     let slot_is_prev = slot.tracked != 0 && slot.tid == prev;
     let prev_runtime_known = slot_is_prev && slot.tracked & SLICE_RUNTIME != 0;
-    // Busy time changes only at idle edges (and must start being counted once per CPU).
-    let busy_edge = (prev == 0) != (next == 0) || (next != 0 && slot.busy_since_ns == 0);
     let (since_ns, since_runtime_ns) = (slot.since_ns, slot.since_runtime_ns);
     slot.tid = next;
     slot.tracked = u32::from(next_tracked);
-    // A switch between two untracked, non-idle threads (the common case on a busy host)
-    // needs no clock read at all.
-    if !(prev_tracked || next_tracked || busy_edge) {
-        return;
-    }
-    let now = unsafe_ktime();
     let runtime_offset = task_offset(&TASK_SUM_EXEC_OFFSET);
     if prev_tracked {
         // The scheduler brought prev's sum_exec_runtime up to date (put_prev_task) before
@@ -243,17 +234,15 @@ fn try_sched_switch<C: EbpfContext>(
                 prev_runtime_known.then(|| rt.saturating_sub(since_runtime_ns))
             }
             // No runtime to read: the clock since the switch-in seen.
-            (None, _) => slot_is_prev.then(|| now.saturating_sub(since_ns)),
+            (None, _) => slot_is_prev.then(|| unsafe_ktime().saturating_sub(since_ns)),
         };
         if let Some(ns) = ns {
             charge(ctx, prev, ns, stats);
         }
     }
-    if busy_edge {
-        busy_edge_at(next, now, &mut slot.busy_since_ns, &mut stats.busy_ns);
-    }
     if next_tracked {
-        slot.since_ns = now;
+        // For userspace's view of the slice in progress (and the clock-delta fallback).
+        slot.since_ns = unsafe_ktime();
         // A thread's first slice is timed from here: its switch-out finds no
         // LAST_RUNTIME entry and takes the slot's runtime instead.
         if runtime_offset != 0 && !next_task.is_null() {
@@ -278,14 +267,7 @@ pub fn qemu_exec(_ctx: RawTracePointContext) -> i32 {
     let Ok(comm) = bpf_get_current_comm() else {
         return 0;
     };
-    #[expect(
-        clippy::cast_possible_truncation,
-        reason = "the low half is the thread id, the high half the tgid"
-    )]
-    let (tid, tgid) = {
-        let id = bpf_get_current_pid_tgid();
-        (id as u32, (id >> 32) as u32)
-    };
+    let (tid, tgid) = current_ids();
     if !looks_like_qemu(&comm) {
         // A VM's QEMU that execs something else is a VM no more.
         if process_tracked(tgid) {
@@ -319,8 +301,7 @@ pub fn qemu_exec(_ctx: RawTracePointContext) -> i32 {
 /// parent: a tracked process gained a thread (or forked a process of its own).
 #[raw_tracepoint(tracepoint = "sched_process_fork")]
 pub fn task_fork(ctx: RawTracePointContext) -> i32 {
-    #[expect(clippy::cast_possible_truncation, reason = "the high half is the tgid")]
-    let parent = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let (_, parent) = current_ids();
     if !process_tracked(parent) {
         return 0;
     }
@@ -336,8 +317,7 @@ pub fn task_fork(ctx: RawTracePointContext) -> i32 {
 /// `sched_process_exit(struct task_struct *p)`, in the exiting thread.
 #[raw_tracepoint(tracepoint = "sched_process_exit")]
 pub fn task_exit(_ctx: RawTracePointContext) -> i32 {
-    #[expect(clippy::cast_possible_truncation, reason = "the high half is the tgid")]
-    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let (_, tgid) = current_ids();
     if process_tracked(tgid) {
         changed(tgid);
     }
@@ -405,18 +385,15 @@ fn rare(n: u64) -> bool {
     n & n.wrapping_sub(1) == 0
 }
 
-/// At a busy/idle edge of this CPU (`next == 0`: it goes idle), closes the busy stretch
-/// into `busy_ns` or opens one.
+/// The current task's thread id and tgid.
 #[inline(always)]
-pub(crate) fn busy_edge_at(next: u32, now: u64, busy_since_ns: &mut u64, busy_ns: &mut u64) {
-    if next == 0 {
-        if *busy_since_ns != 0 {
-            *busy_ns += now.saturating_sub(*busy_since_ns);
-        }
-        *busy_since_ns = 0;
-    } else if *busy_since_ns == 0 {
-        *busy_since_ns = now;
-    }
+pub(crate) fn current_ids() -> (u32, u32) {
+    let id = bpf_get_current_pid_tgid();
+    #[expect(
+        clippy::cast_possible_truncation,
+        reason = "the low half is the thread id, the high half the tgid"
+    )]
+    (id as u32, (id >> 32) as u32)
 }
 
 #[inline(always)]
@@ -575,8 +552,7 @@ fn account(
     bio: Option<*const u8>,
     o: &BlockOffsets,
 ) {
-    #[expect(clippy::cast_possible_truncation, reason = "the high half is the tgid")]
-    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let (_, tgid) = current_ids();
     let kthread = current_is_kthread();
     // Only a kernel thread's I/O needs the pages' owner: a process's I/O is its own.
     let owner_cgroup_id = match bio {

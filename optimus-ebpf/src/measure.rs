@@ -11,7 +11,7 @@
 //! schedstat and getrusage report (a `bpf_ktime_get_ns` slice would include steal time).
 
 use aya_ebpf::{
-    helpers::{bpf_get_current_pid_tgid, bpf_get_current_task},
+    helpers::bpf_get_current_task,
     macros::{map, raw_tracepoint},
     maps::{HashMap, PerCpuArray},
     programs::RawTracePointContext,
@@ -22,7 +22,7 @@ use optimus_common::{
 };
 
 use crate::{
-    block_offsets, busy_edge_at, read, task_offset, unsafe_ktime, TASK_PID_OFFSET,
+    block_offsets, current_ids, read, task_offset, unsafe_ktime, TASK_PID_OFFSET,
     TASK_SUM_EXEC_OFFSET,
 };
 
@@ -67,11 +67,7 @@ fn try_measure_switch(ctx: &RawTracePointContext) {
     // runs, so nobody else writes them now.
     let (counters, slot) = unsafe { (&mut *counters, &mut *slot) };
     // At sched_switch `current` is still the outgoing task.
-    #[expect(
-        clippy::cast_possible_truncation,
-        reason = "the low half is the thread id"
-    )]
-    let prev = bpf_get_current_pid_tgid() as u32;
+    let (prev, _) = current_ids();
     let next_task: *const u8 = ctx.arg(2);
     let next = read::<i32>(next_task, task_offset(&TASK_PID_OFFSET))
         .and_then(|p| u32::try_from(p).ok())
@@ -142,11 +138,7 @@ pub fn measure_fork(ctx: RawTracePointContext) -> i32 {
 
 #[inline(always)]
 fn try_measure_fork(ctx: &RawTracePointContext) {
-    #[expect(
-        clippy::cast_possible_truncation,
-        reason = "the low half is the thread id"
-    )]
-    let parent = bpf_get_current_pid_tgid() as u32;
+    let (parent, _) = current_ids();
     let Some(v) = MEASURE_TREE.get_ptr(&parent) else {
         return;
     };
@@ -210,11 +202,7 @@ pub fn measure_bio_merge(ctx: RawTracePointContext) -> i32 {
 
 #[inline(always)]
 fn count_io(opf: u32, bytes: u32) {
-    #[expect(
-        clippy::cast_possible_truncation,
-        reason = "the low half is the thread id"
-    )]
-    let tid = bpf_get_current_pid_tgid() as u32;
+    let (tid, _) = current_ids();
     if !MEASURE_TREE.get_ptr(&tid).is_some_and(is_member) {
         return;
     }
@@ -227,5 +215,19 @@ fn count_io(opf: u32, bytes: u32) {
         BLOCK_DIR_READ => counters.read_bytes += u64::from(bytes),
         BLOCK_DIR_WRITE => counters.write_bytes += u64::from(bytes),
         _ => {}
+    }
+}
+
+/// At a busy/idle edge of this CPU (`next == 0`: it goes idle), closes the busy stretch
+/// into `busy_ns` or opens one.
+#[inline(always)]
+fn busy_edge_at(next: u32, now: u64, busy_since_ns: &mut u64, busy_ns: &mut u64) {
+    if next == 0 {
+        if *busy_since_ns != 0 {
+            *busy_ns += now.saturating_sub(*busy_since_ns);
+        }
+        *busy_since_ns = 0;
+    } else if *busy_since_ns == 0 {
+        *busy_since_ns = now;
     }
 }

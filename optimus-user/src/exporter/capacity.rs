@@ -53,7 +53,7 @@ pub(super) fn encode(enc: &mut DescriptorEncoder, s: &Snapshot) -> fmt::Result {
     counters(
         enc,
         "optimus_node_cpu_busy",
-        "Busy time of all CPUs together since the agent started, from eBPF sched_switch (rate = busy CPUs)",
+        "Busy time of all CPUs together since the agent started, from the kernel's idle accounting (rate = busy CPUs)",
         Some(&Unit::Seconds),
         n.cpu_busy_seconds.map(|v| ([], v)),
     )

@@ -1,7 +1,7 @@
 //! The energy half of a sample: reads the meters, turns the tracer's cumulative CPU time
 //! into this interval's shares and hands both to [`crate::attribution`].
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use crate::attribution::{self, EnergyLedger, IdlePolicy, IntervalInput, VmInterval};
 use crate::discovery::{ThreadKind, Vm, VmId};
@@ -204,6 +204,8 @@ impl EnergyState {
                 trainer.observe(&sample.zones, sample.interval.as_secs_f64(), &obs);
             }
         }
+        // Busy time unknown (no /proc/stat): no busy, so no idle share.
+        let reading = reading.filter(|r| !r.busy_ns.is_empty());
         let (busy_ns, interval_ns) = match (reading, &self.prev_busy) {
             (Some(r), Some((at, prev))) => (
                 Some(delta_vec(&r.busy_ns, Some(prev))),
@@ -215,8 +217,8 @@ impl EnergyState {
             ),
         };
         if let Some(r) = reading {
-            // Clamped: the running slice makes a read slightly early or late, never less
-            // than what the kernel already counted.
+            // Clamped: /proc/stat shows idle time in whole ticks, so busy time read from
+            // it can step back by under one.
             let mut busy = self.prev_busy.take().map(|(_, b)| b).unwrap_or_default();
             super::cpu::merge_into(&mut busy, &r.busy_ns, u64::max);
             self.prev_busy = Some((r.at_ns, busy));
@@ -251,8 +253,9 @@ impl EnergyState {
         }
         self.prev_vm_cpu = next_prev;
         self.guest_gpu.clear();
-        self.guest_devices
-            .retain(|id, _| vms.iter().any(|vm| &vm.id == id));
+        // A set, not a scan of `vms` per entry: quadratic at a thousand VMs.
+        let live: HashSet<&VmId> = vms.iter().map(|vm| &vm.id).collect();
+        self.guest_devices.retain(|id, _| live.contains(id));
         #[expect(clippy::cast_precision_loss, reason = "nanoseconds of one interval")]
         let busy: Vec<(VmId, f64)> = intervals
             .iter()
@@ -282,8 +285,7 @@ impl EnergyState {
         };
         let splits = attribution::split(&input);
         self.ledger.add(&splits);
-        self.ledger
-            .retire_vms(|id| vms.iter().any(|vm| &vm.id == id));
+        self.ledger.retire_vms(|id| live.contains(id));
         let secs = sample.interval.as_secs_f64();
         let mut out = self.snapshot(&sample.zones, secs);
         if secs > 0.0 {

@@ -4,6 +4,7 @@
 //! never advance a counter twice.
 
 pub mod blockio;
+pub mod busy;
 pub mod carbon;
 pub mod cpu;
 pub mod energy;
@@ -140,7 +141,9 @@ pub struct Sampler {
     vm_filter: Option<regex::Regex>,
     /// `--libvirt-only`: only VMs that libvirt runs are tracked and exported.
     libvirt_only: bool,
-    /// Per-CPU busy ns, kept monotonic (the running slice makes a read early or late).
+    /// Per-CPU busy time from the kernel's idle accounting.
+    busy: busy::BusyClock,
+    /// Per-CPU busy ns, kept monotonic (a reading is late by under one USER_HZ tick).
     node_busy_ns: Vec<u64>,
     /// VM phases, and the control socket's requests for them.
     phases: phases::VmPhases,
@@ -173,6 +176,7 @@ impl Sampler {
             vm_pids: HashMap::new(),
             cgroups: VmCgroups::new(paths.proc.clone()),
             cgroups_at: None,
+            busy: busy::BusyClock::new(&paths.proc),
             paths,
             stats: AgentStats::default(),
             vm_filter: None,
@@ -310,7 +314,8 @@ impl Sampler {
             log::warn!("cannot update the tracked threads: {e}");
         }
         let reading = match self.tracer.read_cpu() {
-            Ok(reading) => {
+            Ok(mut reading) => {
+                reading.busy_ns = self.busy.read(reading.at_ns);
                 cpu::merge_into(&mut self.node_busy_ns, &reading.busy_ns, u64::max);
                 let forget = self.ledger.update(&vms, &reading);
                 self.tracer.forget(&forget);

@@ -11,6 +11,7 @@
 
 mod batch;
 pub mod btf;
+mod child;
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
@@ -115,8 +116,9 @@ pub struct CpuReading {
     pub at_ns: u64,
     /// Per thread id: nanoseconds on each CPU (index = CPU id), the running slice included.
     pub threads: HashMap<u32, Vec<u64>>,
-    /// Per CPU: nanoseconds it ran anything but its idle task since the tracer loaded, the
-    /// running slice included.
+    /// Per CPU: nanoseconds it ran anything but its idle task. Not the tracer's: the
+    /// sampler fills it from the kernel's idle accounting ([`crate::sampler::busy`]);
+    /// empty when unknown.
     pub busy_ns: Vec<u64>,
 }
 
@@ -131,6 +133,9 @@ impl CpuReading {
 pub struct Tracer {
     // Keeps programs and links alive.
     _ebpf: Ebpf,
+    /// The `sched_switch` programs and links a loader child attached ([`child`]): closing
+    /// them detaches.
+    _switch_fds: Vec<std::os::fd::OwnedFd>,
     /// Reader of the programs' aya-log ring buffer, at debug level only. It owns the map's
     /// fd: dropped before the programs load, their load fails (ENGINEERING.md).
     logs: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
@@ -263,7 +268,7 @@ impl Tracer {
             None
         };
 
-        attach_switch(&mut ebpf, opts)?;
+        let switch_fds = attach_switch(&mut ebpf, opts)?;
 
         let exec_hook = !opts.track_all && !opts.baseline_only && attach_exec_hook(&mut ebpf);
         let events = if exec_hook && attach_change_hooks(&mut ebpf) {
@@ -295,6 +300,7 @@ impl Tracer {
         let vm_cgroups = open_map(&mut ebpf, "VM_CGROUPS")?;
         Ok(Self {
             _ebpf: ebpf,
+            _switch_fds: switch_fds,
             logs,
             tracked,
             cpu_ns,
@@ -433,16 +439,10 @@ impl Tracer {
             .cpu_state
             .get(&0, 0)
             .map_err(map_err("CPU_STATE", "read"))?;
-        let mut busy_ns: Vec<u64> = states.iter().map(|s| s.stats.busy_ns).collect();
         let slots: Vec<_> = states.iter().map(|s| s.slot).collect();
         let at_ns = monotonic_ns();
         let ncpus = slots.len();
         for (cpu, slot) in slots.iter().enumerate() {
-            if slot.busy_since_ns != 0 {
-                if let Some(b) = busy_ns.get_mut(cpu) {
-                    *b += at_ns.saturating_sub(slot.busy_since_ns);
-                }
-            }
             if slot.tracked == 0 || slot.tid == 0 || slot.since_ns == 0 {
                 continue;
             }
@@ -454,7 +454,7 @@ impl Tracer {
         Ok(CpuReading {
             at_ns,
             threads,
-            busy_ns,
+            busy_ns: Vec::new(),
         })
     }
 
@@ -502,7 +502,6 @@ impl Tracer {
                 charged: a.charged + s.charged,
                 dropped: a.dropped + s.dropped,
                 read_errors: a.read_errors + s.read_errors,
-                busy_ns: a.busy_ns + s.busy_ns,
                 lost_events: a.lost_events + s.lost_events,
             }))
     }
@@ -558,7 +557,10 @@ where
 /// `opts` asks): the BTF tracepoint, whose direct loads of `next`'s ids are cheaper, else
 /// the raw tracepoint. The kernel BTF the BTF tracepoint needs is parsed here and dropped
 /// at once.
-fn attach_switch(ebpf: &mut Ebpf, opts: &TracerOptions) -> Result<(), TracerError> {
+fn attach_switch(
+    ebpf: &mut Ebpf,
+    opts: &TracerOptions,
+) -> Result<Vec<std::os::fd::OwnedFd>, TracerError> {
     let programs = |real, empty| -> Vec<&'static str> {
         let mut names = Vec::new();
         if !opts.baseline_only {
@@ -569,8 +571,10 @@ fn attach_switch(ebpf: &mut Ebpf, opts: &TracerOptions) -> Result<(), TracerErro
         }
         names
     };
-    let btf = aya::Btf::parse_file(&opts.btf_path, aya::Endianness::default());
-    let tp_btf = btf.map_err(|e| e.to_string()).and_then(|btf| {
+    let tp_btf = |ebpf: &mut Ebpf| -> Result<(), String> {
+        // aya parses the whole kernel BTF to find the tracepoint's type by name.
+        let btf = aya::Btf::parse_file(&opts.btf_path, aya::Endianness::default())
+            .map_err(|e| e.to_string())?;
         for name in programs("sched_switch", "sched_switch_empty") {
             let prog: &mut BtfTracePoint = program(ebpf, name).map_err(|e| e.to_string())?;
             prog.load("sched_switch", &btf)
@@ -579,9 +583,19 @@ fn attach_switch(ebpf: &mut Ebpf, opts: &TracerOptions) -> Result<(), TracerErro
                 .map_err(|e| crate::discovery::error_chain(&e))?;
         }
         Ok(())
-    });
-    let Err(why) = tp_btf else {
-        return Ok(());
+    };
+    // In a child, so that parse never counts against the agent's memory (it set the
+    // agent's peak); the child hands back the programs' and links' fds.
+    let why = match child::run(|| tp_btf(ebpf)) {
+        Ok(fds) => return Ok(fds),
+        Err(child::ChildError::Step(why)) => why,
+        Err(e) => {
+            log::info!("loading the BTF tracepoint in-process ({e})");
+            match tp_btf(ebpf) {
+                Ok(()) => return Ok(Vec::new()),
+                Err(why) => why,
+            }
+        }
     };
     log::info!("sched_switch traced as a raw tracepoint (the BTF tracepoint failed: {why})");
     for name in programs("ss_raw", "ss_raw_empty") {
@@ -590,7 +604,7 @@ fn attach_switch(ebpf: &mut Ebpf, opts: &TracerOptions) -> Result<(), TracerErro
         prog.attach("sched_switch")
             .map_err(prog_err(name, "attach"))?;
     }
-    Ok(())
+    Ok(Vec::new())
 }
 
 /// Attaches the program that tracks a process from the moment it execs QEMU; false (and a
