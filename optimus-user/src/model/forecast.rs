@@ -215,13 +215,18 @@ impl<K: Ord + Clone> Forecaster<K> {
     /// Adds one interval of every live VM (`(id, busy CPUs, watts)`); VMs not listed are
     /// forgotten.
     pub fn add(&mut self, now: f64, secs: f64, vms: &[(K, f64, f64)]) {
-        self.vms.retain(|id, _| vms.iter().any(|(k, _, _)| k == id));
+        // A set, not a scan of `vms` per entry: quadratic at a thousand VMs.
+        let live: std::collections::BTreeSet<&K> = vms.iter().map(|(k, _, _)| k).collect();
+        self.vms.retain(|id, _| live.contains(id));
         for (id, busy, watts) in vms {
-            let scored = self
-                .vms
-                .entry(id.clone())
-                .or_default()
-                .add(now, secs, *busy, *watts);
+            // The id is cloned only for a VM seen for the first time.
+            if !self.vms.contains_key(id) {
+                self.vms.insert(id.clone(), VmHistory::default());
+            }
+            let Some(history) = self.vms.get_mut(id) else {
+                continue;
+            };
+            let scored = history.add(now, secs, *busy, *watts);
             for (h, e) in scored {
                 let q = &mut self.scores[h];
                 if q.len() == SCORES {

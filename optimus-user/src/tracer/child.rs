@@ -19,19 +19,23 @@ use rustix::net::{
     SendAncillaryMessage, SendFlags,
 };
 
-/// Most descriptors one step may pass back (two programs with a link each, and spare).
-const MAX_FDS: usize = 16;
-/// Longest error message passed back.
-const MAX_MESSAGE: usize = 4096;
+/// Most descriptors one step may pass back: the tracer's maps, programs and links are
+/// about 40 (the kernel takes up to 253 in one message).
+const MAX_FDS: usize = 128;
+/// Longest report or error message passed back.
+const MAX_MESSAGE: usize = 16 * 1024;
 
-/// Runs `step` in a forked child and returns the descriptors it opened and left open
-/// (those it created that are still open when it returns), or its error. Fails without
+/// Runs `step` in a forked child and returns its report (the bytes it returned) and the
+/// descriptors it opened and left open (those it created that are still open when it
+/// returns), or its error. Fails without
 /// running it where the fork or the socket pair fails; the caller then runs it in-process.
 ///
 /// Call while the process has one thread, as `Tracer::load` is (before the runtime
 /// starts): a child of a multi-threaded process inherits locks held by threads that do
 /// not exist in it.
-pub(super) fn run(step: impl FnOnce() -> Result<(), String>) -> Result<Vec<OwnedFd>, ChildError> {
+pub(super) fn run(
+    step: impl FnOnce() -> Result<Vec<u8>, String>,
+) -> Result<(Vec<u8>, Vec<OwnedFd>), ChildError> {
     let (parent_end, child_end) = UnixStream::pair().map_err(ChildError::Spawn)?;
     // SAFETY: fork has no preconditions; the child only runs `step` and reports, then
     // _exits without running the parent's destructors or atexit handlers.
@@ -60,9 +64,9 @@ pub(super) fn run(step: impl FnOnce() -> Result<(), String>) -> Result<Vec<Owned
     })
 }
 
-/// The child's side: the step, then one message (empty: success; else the error) with the
-/// new descriptors attached. Its exit code says only whether the message went out.
-fn child(sock: &UnixStream, step: impl FnOnce() -> Result<(), String>) -> i32 {
+/// The child's side: the step, then one message (a tag, then the report or the error) with
+/// the new descriptors attached. Its exit code says only whether the message went out.
+fn child(sock: &UnixStream, step: impl FnOnce() -> Result<Vec<u8>, String>) -> i32 {
     let before = open_fds();
     let outcome = step();
     let after = open_fds();
@@ -70,16 +74,20 @@ fn child(sock: &UnixStream, step: impl FnOnce() -> Result<(), String>) -> i32 {
         .difference(&before)
         .copied()
         .filter(|&fd| fd != raw(sock))
-        .take(MAX_FDS)
         .collect();
+    if new.len() > MAX_FDS {
+        // More than one message carries: none rather than some.
+        return 4;
+    }
     // SAFETY: each of these is open in this process (just listed) and stays open until
     // the process exits, after the send.
     let fds: Vec<BorrowedFd<'_>> = new
         .iter()
         .map(|&fd| unsafe { BorrowedFd::borrow_raw(fd) })
         .collect();
-    let message = match &outcome {
-        Ok(()) => Vec::new(),
+    let message: Vec<u8> = match &outcome {
+        Ok(report) if report.len() <= MAX_MESSAGE => report.clone(),
+        Ok(_) => return 3,
         Err(e) => e.as_bytes().iter().take(MAX_MESSAGE).copied().collect(),
     };
     let fds: &[BorrowedFd<'_>] = if outcome.is_ok() { &fds } else { &[] };
@@ -88,7 +96,7 @@ fn child(sock: &UnixStream, step: impl FnOnce() -> Result<(), String>) -> i32 {
     if !fds.is_empty() && !control.push(SendAncillaryMessage::ScmRights(fds)) {
         return 2;
     }
-    // A one-byte tag first, so that success (no message) is not an empty datagram.
+    // A one-byte tag first, so that success with an empty report is not an empty message.
     let tag = [u8::from(outcome.is_ok())];
     let iov = [IoSlice::new(&tag), IoSlice::new(&message)];
     match rustix::net::sendmsg(sock.as_fd(), &iov, &mut control, SendFlags::empty()) {
@@ -97,7 +105,7 @@ fn child(sock: &UnixStream, step: impl FnOnce() -> Result<(), String>) -> i32 {
     }
 }
 
-fn receive(sock: &UnixStream) -> Result<Vec<OwnedFd>, ChildError> {
+fn receive(sock: &UnixStream) -> Result<(Vec<u8>, Vec<OwnedFd>), ChildError> {
     let mut buf = vec![0u8; 1 + MAX_MESSAGE];
     let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
     let mut control = RecvAncillaryBuffer::new(&mut space);
@@ -122,7 +130,7 @@ fn receive(sock: &UnixStream) -> Result<Vec<OwnedFd>, ChildError> {
     }
     match buf.get(..got.bytes) {
         None | Some([]) => Err(ChildError::Died(0)),
-        Some([1, ..]) => Ok(fds),
+        Some([1, report @ ..]) => Ok((report.to_vec(), fds)),
         Some([_, message @ ..]) => Err(ChildError::Step(
             String::from_utf8_lossy(message).into_owned(),
         )),
@@ -177,9 +185,11 @@ mod tests {
             std::mem::forget(f);
             // Opened and closed: not passed back.
             drop(std::fs::File::open("/proc/self/status").map_err(|e| e.to_string())?);
-            Ok(())
+            Ok(b"report".to_vec())
         })
         .unwrap();
+        let (report, fds) = fds;
+        assert_eq!(report, b"report");
         assert_eq!(fds.len(), 1);
         let mut f = std::fs::File::from(fds.into_iter().next().unwrap());
         f.rewind().unwrap();

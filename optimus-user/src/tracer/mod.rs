@@ -131,11 +131,10 @@ impl CpuReading {
 
 /// The loaded programs and typed handles to their maps. Dropping it detaches everything.
 pub struct Tracer {
-    // Keeps programs and links alive.
-    _ebpf: Ebpf,
-    /// The `sched_switch` programs and links a loader child attached ([`child`]): closing
-    /// them detaches.
-    _switch_fds: Vec<std::os::fd::OwnedFd>,
+    /// The object, where it was loaded in-process: keeps programs and links alive.
+    _ebpf: Option<Ebpf>,
+    /// Programs and links a loader child attached ([`child`]): closing them detaches.
+    _fds: Vec<std::os::fd::OwnedFd>,
     /// Reader of the programs' aya-log ring buffer, at debug level only. It owns the map's
     /// fd: dropped before the programs load, their load fails (ENGINEERING.md).
     logs: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
@@ -207,119 +206,109 @@ pub(crate) fn prog_err(
 
 impl Tracer {
     /// Loads and attaches the programs. Needs root (or CAP_BPF + CAP_PERFMON).
+    ///
+    /// Loading reads the kernel's BTF three times (here for struct offsets, in aya's
+    /// loader, and for the BTF tracepoint), about 20 MB at its peak: in the agent, that peak
+    /// stayed its high-water mark for life. So a short-lived child ([`child`]) loads and
+    /// attaches everything and hands back the fds of the maps, programs and links. At
+    /// debug level for [`EBPF_LOG_TARGET`] the programs' logger needs aya's object, so the
+    /// load stays in-process; it does too, with a line in the log, where the child fails.
     pub fn load(opts: &TracerOptions) -> Result<Self, TracerError> {
         if EBPF_OBJECT.is_empty() {
             return Err(TracerError::NotBuilt);
         }
         raise_memlock_limit();
-        let btf = btf::Btf::load(&opts.btf_path)?;
-        let pid = btf.member_offset("task_struct", "pid")?;
-        let tgid = btf.member_offset("task_struct", "tgid")?;
-        if tgid != pid + 4 {
-            return Err(TracerError::TaskLayout { pid, tgid });
-        }
-        let pid_offset = u64::from(pid);
-        let flags_offset = u64::from(btf.member_offset("task_struct", "flags")?);
-        // Slices are charged as the kernel's runtime deltas where its BTF says where that
-        // counter is (else as clock deltas, which count stolen time too).
-        let runtime_offset = btf.task_runtime_offset().unwrap_or_else(|e| {
-            log::info!("CPU slices timed by the clock, not the scheduler's runtime: {e}");
-            0
-        });
-        let track_all = u32::from(opts.track_all);
-        let block_offsets = if opts.block_io {
-            block_offsets(&btf)
-        } else {
-            Err(String::new())
-        };
-        // The kernel's BTF (several MB here) is not needed below: free it before aya loads.
-        drop(btf);
-        let mut loader = EbpfLoader::new();
-        // No CO-RE relocations to resolve (offsets come in as globals), so aya need not
-        // parse the kernel's BTF: that parse was most of the agent's peak memory.
-        loader
-            .btf(None)
-            .override_global("TRACK_ALL", &track_all, true)
-            .override_global("TASK_PID_OFFSET", &pid_offset, true)
-            .override_global("TASK_FLAGS_OFFSET", &flags_offset, true)
-            .override_global("TASK_SUM_EXEC_OFFSET", &runtime_offset, true);
-        if let Ok((offsets, _)) = &block_offsets {
-            loader.override_global("BLOCK_OFFSETS", offsets, true);
-        }
-        // Off (0) unless debug records would be shown: then the programs' error paths skip
-        // formatting and the ring buffer write too.
         let ebpf_debug = log::log_enabled!(target: EBPF_LOG_TARGET, log::Level::Debug);
-        let log_level: u8 = if ebpf_debug {
-            aya_log::Level::Debug.into()
-        } else {
-            0
-        };
-        loader.override_global(aya_log::LEVEL, &log_level, true);
-        let mut ebpf = loader.load(EBPF_OBJECT).map_err(TracerError::Load)?;
-        let logs = if ebpf_debug {
-            match aya_log::EbpfLogger::init(&mut ebpf) {
-                Ok(logger) => Some(logger),
-                Err(e) => {
-                    log::warn!("eBPF debug logs unavailable: {e}");
-                    None
-                }
+        if !ebpf_debug {
+            let loaded = child::run(|| {
+                let (ebpf, _, report, fds) = load_object(opts, false, true)
+                    .map_err(|e| crate::discovery::error_chain(&e))?;
+                // Kept open until the child exits, after it sent them.
+                std::mem::forget((ebpf, fds));
+                serde_json::to_vec(&report).map_err(|e| e.to_string())
+            });
+            match loaded.and_then(|(report, fds)| {
+                Self::from_fds(opts, &report, fds).map_err(child::ChildError::Step)
+            }) {
+                Ok(tracer) => return Ok(tracer),
+                Err(e) => log::info!("loading the eBPF programs in-process: {e}"),
             }
+        }
+        let (mut ebpf, logs, report, fds) = load_object(opts, ebpf_debug, false)?;
+        let maps = MapSource::Object(&mut ebpf);
+        let mut tracer = Self::with_maps(opts, maps, &report, fds)?;
+        tracer.logs = logs;
+        tracer._ebpf = Some(ebpf);
+        Ok(tracer)
+    }
+
+    /// The tracer over what a loader child handed back: its report and fds.
+    fn from_fds(
+        opts: &TracerOptions,
+        report: &[u8],
+        fds: Vec<std::os::fd::OwnedFd>,
+    ) -> Result<Self, String> {
+        let report: LoadReport =
+            serde_json::from_slice(report).map_err(|e| format!("its report: {e}"))?;
+        let mut maps = HashMap::new();
+        let mut others = Vec::new();
+        for fd in fds {
+            use std::os::fd::AsRawFd as _;
+            let link = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+                .map(|p| p.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            if link != "anon_inode:bpf-map" {
+                // Programs, links and BTF objects: held open, they stay loaded and attached.
+                others.push(fd);
+                continue;
+            }
+            let data = MapData::from_fd(fd).map_err(|e| format!("a map it passed: {e}"))?;
+            let name = data
+                .info()
+                .ok()
+                .and_then(|i| i.name_as_str().map(str::to_owned))
+                .unwrap_or_default();
+            maps.insert(name, data);
+        }
+        Self::with_maps(opts, MapSource::Fds(maps), &report, others)
+            .map_err(|e| crate::discovery::error_chain(&e))
+    }
+
+    /// Typed handles to the maps, the programs kept alive by `fds` (and the object, set
+    /// by the caller where it loaded in-process).
+    fn with_maps(
+        opts: &TracerOptions,
+        mut maps: MapSource<'_>,
+        report: &LoadReport,
+        fds: Vec<std::os::fd::OwnedFd>,
+    ) -> Result<Self, TracerError> {
+        let events = if report.events {
+            Some(maps.open("EVENTS")?)
         } else {
             None
         };
-
-        let switch_fds = attach_switch(&mut ebpf, opts)?;
-
-        let exec_hook = !opts.track_all && !opts.baseline_only && attach_exec_hook(&mut ebpf);
-        let events = if exec_hook && attach_change_hooks(&mut ebpf) {
-            Some(open_map(&mut ebpf, "EVENTS")?)
-        } else {
-            None
-        };
-
-        let block_status = match block_offsets {
-            Ok((_, page_owner)) if opts.block_io && !opts.baseline_only => {
-                match attach_block(&mut ebpf) {
-                    Ok(tracepoint) => BlockIoStatus::Attached {
-                        tracepoint,
-                        page_owner,
-                    },
-                    Err(why) => BlockIoStatus::Unavailable(why),
-                }
-            }
-            Err(why) if opts.block_io && !opts.baseline_only => BlockIoStatus::Unavailable(why),
-            _ => BlockIoStatus::Disabled,
-        };
-
-        let tracked = open_map(&mut ebpf, "TRACKED")?;
-        let cpu_ns = open_map(&mut ebpf, "CPU_NS")?;
-        let last_runtime = open_map(&mut ebpf, "LAST_RUNTIME")?;
-        let cpu_state = open_map(&mut ebpf, "CPU_STATE")?;
-        let execed = open_map(&mut ebpf, "EXECED")?;
-        let block_io = open_map(&mut ebpf, "BLOCK_IO")?;
-        let vm_cgroups = open_map(&mut ebpf, "VM_CGROUPS")?;
         Ok(Self {
-            _ebpf: ebpf,
-            _switch_fds: switch_fds,
-            logs,
-            tracked,
-            cpu_ns,
-            last_runtime,
-            cpu_state,
-            execed,
-            exec_hook,
+            _ebpf: None,
+            _fds: fds,
+            logs: None,
+            tracked: maps.open("TRACKED")?,
+            cpu_ns: maps.open("CPU_NS")?,
+            last_runtime: maps.open("LAST_RUNTIME")?,
+            cpu_state: maps.open("CPU_STATE")?,
+            execed: maps.open("EXECED")?,
+            exec_hook: report.exec_hook,
             events,
             lost_events: 0,
             pending: HashMap::new(),
             tracked_set: HashSet::new(),
-            block_io,
-            vm_cgroups,
+            block_io: maps.open("BLOCK_IO")?,
+            vm_cgroups: maps.open("VM_CGROUPS")?,
             vm_cgroup_set: HashSet::new(),
             tracked_words: HashMap::new(),
             possible_cpus: aya::util::nr_cpus().ok(),
             batch_reads: std::cell::Cell::new(true),
             track_all: opts.track_all,
-            block_status,
+            block_status: report.block.status(),
         })
     }
 
@@ -540,6 +529,191 @@ fn bitmap_words(tgids: &HashSet<u32>) -> HashMap<u32, u64> {
     words
 }
 
+/// What a load attached, beside the object: passed back by a loader child as JSON.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct LoadReport {
+    exec_hook: bool,
+    events: bool,
+    block: BlockReport,
+}
+
+/// [`BlockIoStatus`] as data.
+#[derive(serde::Serialize, serde::Deserialize)]
+enum BlockReport {
+    Disabled,
+    Attached {
+        tracepoint: String,
+        page_owner: Result<(), String>,
+    },
+    Unavailable(String),
+}
+
+impl BlockReport {
+    fn new(status: &BlockIoStatus) -> Self {
+        match status {
+            BlockIoStatus::Disabled => Self::Disabled,
+            BlockIoStatus::Attached {
+                tracepoint,
+                page_owner,
+            } => Self::Attached {
+                tracepoint: (*tracepoint).to_owned(),
+                page_owner: page_owner.clone(),
+            },
+            BlockIoStatus::Unavailable(why) => Self::Unavailable(why.clone()),
+        }
+    }
+
+    fn status(&self) -> BlockIoStatus {
+        match self {
+            Self::Disabled => BlockIoStatus::Disabled,
+            Self::Attached {
+                tracepoint,
+                page_owner,
+            } => BlockIoStatus::Attached {
+                tracepoint: BLOCK_TRACEPOINTS
+                    .iter()
+                    .find(|t| **t == tracepoint.as_str())
+                    .copied()
+                    .unwrap_or("block_io_start"),
+                page_owner: page_owner.clone(),
+            },
+            Self::Unavailable(why) => BlockIoStatus::Unavailable(why.clone()),
+        }
+    }
+}
+
+/// Where the maps come from: the object loaded here, or fds a loader child passed back
+/// (by the names the kernel keeps).
+enum MapSource<'a> {
+    Object(&'a mut Ebpf),
+    Fds(HashMap<String, MapData>),
+}
+
+impl MapSource<'_> {
+    fn open<T>(&mut self, name: &'static str) -> Result<T, TracerError>
+    where
+        T: TryFrom<aya::maps::Map, Error = MapError>,
+    {
+        match self {
+            Self::Object(ebpf) => open_map(ebpf, name),
+            Self::Fds(maps) => {
+                let data = maps.remove(name).ok_or(TracerError::Map {
+                    name,
+                    op: "find",
+                    source: MapError::InvalidName {
+                        name: name.to_owned(),
+                    },
+                })?;
+                let map = aya::maps::Map::from_map_data(data).map_err(map_err(name, "open"))?;
+                T::try_from(map).map_err(map_err(name, "open"))
+            }
+        }
+    }
+}
+
+/// Loads the object with the kernel's offsets and attaches its programs: the object, its
+/// logger (at debug level), what was attached, and fds of programs attached apart from
+/// it. `in_child`: this already runs in a loader child (no second one).
+#[expect(
+    clippy::type_complexity,
+    reason = "one call site each for the two ways of loading"
+)]
+fn load_object(
+    opts: &TracerOptions,
+    ebpf_debug: bool,
+    in_child: bool,
+) -> Result<
+    (
+        Ebpf,
+        Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+        LoadReport,
+        Vec<std::os::fd::OwnedFd>,
+    ),
+    TracerError,
+> {
+    let btf = btf::Btf::load(&opts.btf_path)?;
+    let pid = btf.member_offset("task_struct", "pid")?;
+    let tgid = btf.member_offset("task_struct", "tgid")?;
+    if tgid != pid + 4 {
+        return Err(TracerError::TaskLayout { pid, tgid });
+    }
+    let pid_offset = u64::from(pid);
+    let flags_offset = u64::from(btf.member_offset("task_struct", "flags")?);
+    // Slices are charged as the kernel's runtime deltas where its BTF says where that
+    // counter is (else as clock deltas, which count stolen time too).
+    let runtime_offset = btf.task_runtime_offset().unwrap_or_else(|e| {
+        log::info!("CPU slices timed by the clock, not the scheduler's runtime: {e}");
+        0
+    });
+    let track_all = u32::from(opts.track_all);
+    let block_offsets = if opts.block_io {
+        block_offsets(&btf)
+    } else {
+        Err(String::new())
+    };
+    // The kernel's BTF (several MB here) is not needed below: free it before aya loads.
+    drop(btf);
+    // aya 0.14 parses the kernel's BTF here whatever `.btf()` says later (the reason the
+    // load runs in a loader child). None: there are no CO-RE relocations to resolve, the
+    // offsets come in as globals.
+    let mut loader = EbpfLoader::new();
+    loader
+        .btf(None)
+        .override_global("TRACK_ALL", &track_all, true)
+        .override_global("TASK_PID_OFFSET", &pid_offset, true)
+        .override_global("TASK_FLAGS_OFFSET", &flags_offset, true)
+        .override_global("TASK_SUM_EXEC_OFFSET", &runtime_offset, true);
+    if let Ok((offsets, _)) = &block_offsets {
+        loader.override_global("BLOCK_OFFSETS", offsets, true);
+    }
+    // Off (0) unless debug records would be shown: then the programs' error paths skip
+    // formatting and the ring buffer write too.
+    let log_level: u8 = if ebpf_debug {
+        aya_log::Level::Debug.into()
+    } else {
+        0
+    };
+    loader.override_global(aya_log::LEVEL, &log_level, true);
+    let mut ebpf = loader.load(EBPF_OBJECT).map_err(TracerError::Load)?;
+    let logs = if ebpf_debug {
+        match aya_log::EbpfLogger::init(&mut ebpf) {
+            Ok(logger) => Some(logger),
+            Err(e) => {
+                log::warn!("eBPF debug logs unavailable: {e}");
+                None
+            }
+        }
+    } else {
+        None
+    };
+
+    let fds = attach_switch(&mut ebpf, opts, in_child)?;
+
+    let exec_hook = !opts.track_all && !opts.baseline_only && attach_exec_hook(&mut ebpf);
+    let events = exec_hook && attach_change_hooks(&mut ebpf);
+
+    let block_status = match block_offsets {
+        Ok((_, page_owner)) if opts.block_io && !opts.baseline_only => {
+            match attach_block(&mut ebpf) {
+                Ok(tracepoint) => BlockIoStatus::Attached {
+                    tracepoint,
+                    page_owner,
+                },
+                Err(why) => BlockIoStatus::Unavailable(why),
+            }
+        }
+        Err(why) if opts.block_io && !opts.baseline_only => BlockIoStatus::Unavailable(why),
+        _ => BlockIoStatus::Disabled,
+    };
+
+    let report = LoadReport {
+        exec_hook,
+        events,
+        block: BlockReport::new(&block_status),
+    };
+    Ok((ebpf, logs, report, fds))
+}
+
 pub(crate) fn program<'a, T>(
     ebpf: &'a mut Ebpf,
     name: &'static str,
@@ -560,6 +734,7 @@ where
 fn attach_switch(
     ebpf: &mut Ebpf,
     opts: &TracerOptions,
+    in_child: bool,
 ) -> Result<Vec<std::os::fd::OwnedFd>, TracerError> {
     let programs = |real, empty| -> Vec<&'static str> {
         let mut names = Vec::new();
@@ -586,8 +761,15 @@ fn attach_switch(
     };
     // In a child, so that parse never counts against the agent's memory (it set the
     // agent's peak); the child hands back the programs' and links' fds.
-    let why = match child::run(|| tp_btf(ebpf)) {
-        Ok(fds) => return Ok(fds),
+    let attached = if in_child {
+        tp_btf(ebpf)
+            .map(|()| (Vec::new(), Vec::new()))
+            .map_err(child::ChildError::Step)
+    } else {
+        child::run(|| tp_btf(ebpf).map(|()| Vec::new()))
+    };
+    let why = match attached {
+        Ok((_, fds)) => return Ok(fds),
         Err(child::ChildError::Step(why)) => why,
         Err(e) => {
             log::info!("loading the BTF tracepoint in-process ({e})");
@@ -690,6 +872,9 @@ pub(crate) fn block_offsets(btf: &btf::Btf) -> Result<(BlockOffsets, Result<(), 
     Ok((o, owner))
 }
 
+/// The request tracepoints the block program attaches to, in order of preference.
+const BLOCK_TRACEPOINTS: [&str; 2] = ["block_io_start", "block_rq_issue"];
+
 /// Attaches the block programs: requests at `block_io_start` (6.5+, in the submitter's
 /// context), else at `block_rq_issue`; bios merged into counted requests at both merge
 /// tracepoints. Returns the request tracepoint used.
@@ -699,7 +884,7 @@ fn attach_block(ebpf: &mut Ebpf) -> Result<&'static str, String> {
         .map_err(|e| format!("loading the block program failed: {e}"))?;
     let mut why = Vec::new();
     let mut chosen = None;
-    for tp in ["block_io_start", "block_rq_issue"] {
+    for tp in BLOCK_TRACEPOINTS {
         match prog.attach(tp) {
             Ok(_) => {
                 chosen = Some(tp);
