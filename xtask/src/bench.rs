@@ -15,7 +15,7 @@
 //!
 //! VMs are simulated (see [`fleet`]): processes named like QEMU with `CPU k/KVM` threads
 //! that wake every [`Plan::vcpu_wake`], as an idle guest's vCPUs do on its timer ticks.
-//! Needs root (eBPF, the sysctl); takes about 8 minutes, `--quick` about 3.
+//! Needs root (eBPF, the sysctl); takes about 10 minutes, `--quick` about 5.
 use std::path::Path;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -78,7 +78,7 @@ impl Plan {
         let full = !quick;
         Self {
             name: if full { "full" } else { "quick" },
-            minutes: pick(full, 8, 3),
+            minutes: pick(full, 10, 5),
             vcpus_per_vm: 8,
             vcpu_wake: Duration::from_millis(500),
             vm_levels: vec![0, 100, 1000],
@@ -87,8 +87,10 @@ impl Plan {
             runs_per_arm: pick(full, 4, 2),
             run: Duration::from_millis(pick(full, 600, 400)),
             spin_run: Duration::from_millis(pick(full, 1000, 600)),
-            warmup: Duration::from_secs(pick(full, 5, 3)),
-            window: Duration::from_secs(pick(full, 30, 8)),
+            warmup: Duration::from_secs(5),
+            // At least discovery's full rescan period (30 s): the steady state includes
+            // one safety-net rescan, neither none nor two.
+            window: Duration::from_secs(pick(full, 60, 30)),
             scrapes: pick(full, 50, 20),
             profile_secs: pick(full, 10, 4),
         }

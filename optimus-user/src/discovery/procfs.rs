@@ -97,8 +97,10 @@ pub struct ProcScanner {
     errors: u64,
 }
 
-/// Scans during which a new thread's `comm` is re-read: QEMU names a thread just after
-/// creating it, so the first read can still show the process name.
+/// Full scans during which a new thread's `comm` is re-read: QEMU names a thread just after
+/// creating it, so the first read can still show the process name. A re-read on the
+/// kernel's change events settles it at once (a rename is an event of its own), so at a
+/// thousand new VMs the safety-net scans do not re-read 8,000 names three times.
 const SETTLE_SCANS: u8 = 3;
 
 /// A top-level process of interest found by one pass over `<proc>`.
@@ -171,7 +173,7 @@ impl ProcScanner {
         for f in found {
             match f {
                 Found::Qemu { pid, known } => {
-                    if let Some(c) = self.read_vm(pid, known) {
+                    if let Some(c) = self.read_vm(pid, known, false) {
                         out.push(c);
                     }
                 }
@@ -212,7 +214,9 @@ impl ProcScanner {
             // Every thread name is re-read: a rename is one of the changes.
             self.threads.remove(&pid);
             let found = match self.examine(pid) {
-                Some(Found::Qemu { pid, known }) => self.read_vm(pid, known),
+                // Settled at once: the events re-read a process at every change of it,
+                // renames included, so no full scan needs to read these names again.
+                Some(Found::Qemu { pid, known }) => self.read_vm(pid, known, true),
                 Some(Found::Kept(pid)) => self.last.get(&pid).cloned(),
                 Some(Found::VhostKthread { .. }) | None => None,
             };
@@ -335,7 +339,10 @@ impl ProcScanner {
     }
 
     /// The VM run by QEMU process `pid`, or `None` if it exited meanwhile.
-    fn read_vm(&mut self, pid: u32, known: Known) -> Option<Candidate> {
+    /// `settle`: the names read now are final (an event-driven re-read; see
+    /// [`rescan`](Self::rescan)), else a new thread's name is read again for
+    /// [`SETTLE_SCANS`] scans.
+    fn read_vm(&mut self, pid: u32, known: Known, settle: bool) -> Option<Candidate> {
         let Known {
             args, trusted, qmp, ..
         } = known;
@@ -382,7 +389,12 @@ impl ProcScanner {
                     } else {
                         classify_thread(&comm)
                     };
-                    now_known.insert(tid, (kind, prior.map_or(1, |p| p.1 + 1)));
+                    let seen = if settle {
+                        SETTLE_SCANS
+                    } else {
+                        prior.map_or(1, |p| p.1 + 1)
+                    };
+                    now_known.insert(tid, (kind, seen));
                     kind
                 }
             };

@@ -152,7 +152,13 @@ pub struct Sampler {
     channels: Option<(crate::channel::Channels, Duration)>,
     /// Processes first tracked at the last sample: re-read at the next one.
     newly_tracked: HashSet<u32>,
+    /// Charged threads in no VM's list yet, with the samples they have been so.
+    strays: HashMap<u32, u8>,
 }
+
+/// Samples a charged thread may stay out of every VM's list before /proc is asked whether
+/// it still belongs to a tracked process: scans list a new QEMU thread within one or two.
+const STRAY_GRACE: u8 = 2;
 
 /// How often every VM's memory cgroup is re-read (a process may join a VM's cgroup, or
 /// libvirt add sub-cgroups, after the VM was first seen).
@@ -186,6 +192,7 @@ impl Sampler {
             requests: None,
             channels: None,
             newly_tracked: HashSet::new(),
+            strays: HashMap::new(),
         }
     }
 
@@ -323,18 +330,25 @@ impl Sampler {
                     // Threads charged by process but in no VM's list: a tracked QEMU's new
                     // thread (kept: the next scan lists it, with every slice since its first
                     // switch), or one that is gone or left a tracked process (dropped).
-                    let stray: Vec<u32> = reading
-                        .threads
-                        .keys()
-                        .filter(|tid| !tids.contains(tid))
-                        .filter(|&&tid| {
-                            self.paths
-                                .thread_group(tid)
-                                .is_none_or(|tgid| !self.tracer.tracked().contains(&tgid))
-                        })
-                        .copied()
-                        .collect();
-                    self.tracer.forget(&stray);
+                    // Only those still unlisted after STRAY_GRACE samples are looked up
+                    // in /proc: a thousand new VMs bring thousands of new threads, and a
+                    // status read each cost the agent a second of CPU.
+                    let mut strays = HashMap::new();
+                    let mut gone = Vec::new();
+                    for &tid in reading.threads.keys().filter(|tid| !tids.contains(tid)) {
+                        let samples = self.strays.get(&tid).map_or(1, |n| n.saturating_add(1));
+                        if samples <= STRAY_GRACE {
+                            strays.insert(tid, samples);
+                        } else if self
+                            .paths
+                            .thread_group(tid)
+                            .is_none_or(|tgid| !self.tracer.tracked().contains(&tgid))
+                        {
+                            gone.push(tid);
+                        }
+                    }
+                    self.strays = strays;
+                    self.tracer.forget(&gone);
                 }
                 Some(reading)
             }

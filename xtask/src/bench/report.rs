@@ -627,7 +627,10 @@ fn steady(md: &mut String, r: &Results) {
          One agent in its default mode at 1 s sampling, started with no simulated VMs, while \
          the fleet grows level by level (VMs of {} vCPU threads, each waking every {} ms: \
          {:.0} wake-ups per second at the largest level). At each level: CPU = utime + stime \
-         from `/proc/<pid>/stat` over the window after warm-up (no scrapes in it). Peak = \
+         from `/proc/<pid>/stat` over the window (no scrapes in it), which starts a warm-up \
+         after the agent lists every new vCPU (taking in new VMs is work of its own, over by \
+         then) and lasts at least one full /proc rescan period (30 s), so the safety-net \
+         rescan is in it once. Peak = \
          VmHWM, over the whole life. Scrapes at the largest level: sequential GET /metrics, \
          connect to last byte, plain and with `Accept-Encoding: gzip`. Slope between the two \
          largest levels: {}.\n",
