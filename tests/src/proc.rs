@@ -146,10 +146,22 @@ pub struct ChildGuard(Child);
 
 impl ChildGuard {
     /// Spawns `cmd` as it is configured (stdio included).
+    ///
+    /// A binary the test has just written can be "busy" (`ETXTBSY`) for a moment: another
+    /// test thread that forked while its write fd was open holds a copy until its exec
+    /// closes it. That is retried for up to a second.
     pub fn spawn(mut cmd: Command) -> anyhow::Result<ChildGuard> {
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("spawn {}", describe(&cmd)))?;
+        let mut tries = 0;
+        let child = loop {
+            match cmd.spawn() {
+                Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && tries < 100 => {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                other => break other,
+            }
+        }
+        .with_context(|| format!("spawn {}", describe(&cmd)))?;
         Ok(ChildGuard(child))
     }
 
