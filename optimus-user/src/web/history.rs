@@ -231,26 +231,34 @@ impl History {
         if !too_soon {
             ring.labels
                 .retain(|(_, uuid), _| vm_watts.contains_key(uuid.as_str()));
-            let mut top: Vec<(Arc<VmLabel>, f32)> = snapshot
+            // The most powerful first; labels (two strings each) only for those kept, not
+            // for every VM at every sample.
+            let mut ranked: Vec<(&crate::discovery::VmId, f32)> = snapshot
                 .vms
                 .iter()
                 .filter_map(|vm| {
                     let w = *vm_watts.get(vm.id.uuid.as_str())?;
+                    Some((&vm.id, chart_watts(w)))
+                })
+                .collect();
+            ranked.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.name.cmp(&b.0.name)));
+            ranked.truncate(VMS_PER_POINT);
+            let top: Vec<(Arc<VmLabel>, f32)> = ranked
+                .into_iter()
+                .map(|(id, w)| {
                     let label = ring
                         .labels
-                        .entry((vm.id.name.clone(), vm.id.uuid.clone()))
+                        .entry((id.name.clone(), id.uuid.clone()))
                         .or_insert_with(|| {
                             Arc::new(VmLabel {
-                                name: vm.id.name.clone(),
-                                uuid: vm.id.uuid.clone(),
+                                name: id.name.clone(),
+                                uuid: id.uuid.clone(),
                             })
                         })
                         .clone();
-                    Some((label, chart_watts(w)))
+                    (label, w)
                 })
                 .collect();
-            top.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.name.cmp(&b.0.name)));
-            top.truncate(VMS_PER_POINT);
             ring.points.push_back(Point {
                 t: unix,
                 node_w,
