@@ -221,10 +221,10 @@ impl Tracer {
         let ebpf_debug = log::log_enabled!(target: EBPF_LOG_TARGET, log::Level::Debug);
         if !ebpf_debug {
             let loaded = child::run(|| {
-                let (ebpf, _, report, fds) = load_object(opts, false, true)
-                    .map_err(|e| crate::discovery::error_chain(&e))?;
+                let (ebpf, _, report) =
+                    load_object(opts, false).map_err(|e| crate::discovery::error_chain(&e))?;
                 // Kept open until the child exits, after it sent them.
-                std::mem::forget((ebpf, fds));
+                std::mem::forget(ebpf);
                 serde_json::to_vec(&report).map_err(|e| e.to_string())
             });
             match loaded.and_then(|(report, fds)| {
@@ -234,9 +234,9 @@ impl Tracer {
                 Err(e) => log::info!("loading the eBPF programs in-process: {e}"),
             }
         }
-        let (mut ebpf, logs, report, fds) = load_object(opts, ebpf_debug, false)?;
+        let (mut ebpf, logs, report) = load_object(opts, ebpf_debug)?;
         let maps = MapSource::Object(&mut ebpf);
-        let mut tracer = Self::with_maps(opts, maps, &report, fds)?;
+        let mut tracer = Self::with_maps(opts, maps, &report, Vec::new())?;
         tracer.logs = logs;
         tracer._ebpf = Some(ebpf);
         Ok(tracer)
@@ -612,8 +612,7 @@ impl MapSource<'_> {
 }
 
 /// Loads the object with the kernel's offsets and attaches its programs: the object, its
-/// logger (at debug level), what was attached, and fds of programs attached apart from
-/// it. `in_child`: this already runs in a loader child (no second one).
+/// logger (at debug level) and what was attached.
 #[expect(
     clippy::type_complexity,
     reason = "one call site each for the two ways of loading"
@@ -621,13 +620,11 @@ impl MapSource<'_> {
 fn load_object(
     opts: &TracerOptions,
     ebpf_debug: bool,
-    in_child: bool,
 ) -> Result<
     (
         Ebpf,
         Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
         LoadReport,
-        Vec<std::os::fd::OwnedFd>,
     ),
     TracerError,
 > {
@@ -687,7 +684,7 @@ fn load_object(
         None
     };
 
-    let fds = attach_switch(&mut ebpf, opts, in_child)?;
+    attach_switch(&mut ebpf, opts)?;
 
     let exec_hook = !opts.track_all && !opts.baseline_only && attach_exec_hook(&mut ebpf);
     let events = exec_hook && attach_change_hooks(&mut ebpf);
@@ -711,7 +708,7 @@ fn load_object(
         events,
         block: BlockReport::new(&block_status),
     };
-    Ok((ebpf, logs, report, fds))
+    Ok((ebpf, logs, report))
 }
 
 pub(crate) fn program<'a, T>(
@@ -731,11 +728,7 @@ where
 /// `opts` asks): the BTF tracepoint, whose direct loads of `next`'s ids are cheaper, else
 /// the raw tracepoint. The kernel BTF the BTF tracepoint needs is parsed here and dropped
 /// at once.
-fn attach_switch(
-    ebpf: &mut Ebpf,
-    opts: &TracerOptions,
-    in_child: bool,
-) -> Result<Vec<std::os::fd::OwnedFd>, TracerError> {
+fn attach_switch(ebpf: &mut Ebpf, opts: &TracerOptions) -> Result<(), TracerError> {
     let programs = |real, empty| -> Vec<&'static str> {
         let mut names = Vec::new();
         if !opts.baseline_only {
@@ -759,25 +752,8 @@ fn attach_switch(
         }
         Ok(())
     };
-    // In a child, so that parse never counts against the agent's memory (it set the
-    // agent's peak); the child hands back the programs' and links' fds.
-    let attached = if in_child {
-        tp_btf(ebpf)
-            .map(|()| (Vec::new(), Vec::new()))
-            .map_err(child::ChildError::Step)
-    } else {
-        child::run(|| tp_btf(ebpf).map(|()| Vec::new()))
-    };
-    let why = match attached {
-        Ok((_, fds)) => return Ok(fds),
-        Err(child::ChildError::Step(why)) => why,
-        Err(e) => {
-            log::info!("loading the BTF tracepoint in-process ({e})");
-            match tp_btf(ebpf) {
-                Ok(()) => return Ok(Vec::new()),
-                Err(why) => why,
-            }
-        }
+    let Err(why) = tp_btf(ebpf) else {
+        return Ok(());
     };
     log::info!("sched_switch traced as a raw tracepoint (the BTF tracepoint failed: {why})");
     for name in programs("ss_raw", "ss_raw_empty") {
@@ -786,7 +762,7 @@ fn attach_switch(
         prog.attach("sched_switch")
             .map_err(prog_err(name, "attach"))?;
     }
-    Ok(Vec::new())
+    Ok(())
 }
 
 /// Attaches the program that tracks a process from the moment it execs QEMU; false (and a
