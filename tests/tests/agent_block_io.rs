@@ -23,6 +23,17 @@ use optimus_tests::qemu::PlainQemu;
 
 const MIB: f64 = 1024.0 * 1024.0;
 
+/// Held for the whole of each test: they compare the node's per-device totals with the
+/// host disk's own counters, so another test's writes to the same disk in between (a
+/// writeback of tens of MiB) broke the comparison (seen: 84 MB exported against 51 MB).
+static DISK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// This test's turn on the host disk (a test that panicked while holding it passes it on).
+fn disk_turn() -> std::sync::MutexGuard<'static, ()> {
+    DISK.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 #[expect(clippy::cast_precision_loss, reason = "byte counts of a test")]
 fn f(v: u64) -> f64 {
     v as f64
@@ -51,6 +62,7 @@ fn guest_direct_io_matches_proc_io_and_block_stat() {
     if optimus_tests::env::require_root("guest_direct_io_matches_proc_io_and_block_stat").is_err() {
         return;
     }
+    let _disk = disk_turn();
     let image = GuestImage::ensure().unwrap();
     // The disk lives next to the build, on a real block device of the host (not tmpfs).
     let dir = host_dir("optimus-disk-");
@@ -140,6 +152,7 @@ fn buffered_host_write_shows_in_node_totals_never_vanishes() {
     if optimus_tests::env::require_root("buffered_host_write_shows_in_node_totals").is_err() {
         return;
     }
+    let _disk = disk_turn();
     let dir = host_dir("optimus-dd-");
     let dev = block_dev_of(dir.path()).unwrap();
     let agent = Agent::start(&["--libvirt-uri", ""]);
@@ -182,6 +195,7 @@ fn merged_small_writes_match_block_stat() {
     if optimus_tests::env::require_root("merged_small_writes_match_block_stat").is_err() {
         return;
     }
+    let _disk = disk_turn();
     // On a real block device of the host (not tmpfs), whose scheduler merges the small
     // buffered writes of neighbouring files into larger requests at writeback.
     let dir = host_dir("optimus-small-");
@@ -236,6 +250,7 @@ fn kernel_writeback_of_vm_pages_is_charged_to_the_vm() {
     {
         return;
     }
+    let _disk = disk_turn();
     const WRITE_MIB: u32 = 32;
     let image = GuestImage::ensure().unwrap();
     // On a real block device of the host (not tmpfs), so that writeback reaches a disk.
